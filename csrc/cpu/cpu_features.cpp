@@ -1,0 +1,95 @@
+#include "cpu/cpu_features.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define KIMIVL_X86 1
+#include <cpuid.h>
+#endif
+
+namespace kimivl {
+namespace {
+
+#ifdef KIMIVL_X86
+unsigned long long xgetbv0() {
+  unsigned int eax = 0, edx = 0;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+#endif
+
+CpuFeatures detect() {
+  CpuFeatures f;
+#ifdef KIMIVL_X86
+  unsigned int a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = c & (1u << 27);
+  if (!osxsave) return f;
+  const unsigned long long xcr0 = xgetbv0();
+  const bool os_avx = (xcr0 & 0x6) == 0x6;               // XMM and YMM state
+  const bool os_avx512 = os_avx && (xcr0 & 0xe0) == 0xe0;  // opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_amx = (xcr0 & 0x60000) == 0x60000;         // XTILECFG, XTILEDATA
+  f.fma = os_avx && (c & (1u << 12));
+  f.f16c = os_avx && (c & (1u << 29));
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    f.avx2 = os_avx && (b & (1u << 5));
+    f.avx512f = os_avx512 && (b & (1u << 16));
+    f.avx512bw = os_avx512 && (b & (1u << 30));
+    f.avx512vl = os_avx512 && (b & (1u << 31));
+    f.avx512_vnni = os_avx512 && (c & (1u << 11));
+    f.amx_int8 = os_amx && (d & (1u << 25));
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    f.avx_vnni = os_avx && (a & (1u << 4));
+    f.avx512_bf16 = os_avx512 && (a & (1u << 5));
+  }
+#endif
+  return f;
+}
+
+}  // namespace
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = detect();
+  return features;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool isa_supported(Isa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case Isa::kAvx512Vnni: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
+    case Isa::kAvx2: return f.avx2 && f.fma && f.f16c;
+    default: return true;
+  }
+}
+
+Isa selected_isa() {
+  const char* forced = std::getenv("KIMIVL_ISA");
+  if (forced != nullptr && forced[0] != '\0') {
+    for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2, Isa::kPortable}) {
+      if (std::strcmp(forced, isa_name(isa)) == 0) {
+        if (!isa_supported(isa))
+          throw std::runtime_error(std::string("KIMIVL_ISA=") + forced + " but this CPU does not support it");
+        return isa;
+      }
+    }
+    throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
+                             " is not one of avx512_vnni, avx2, portable");
+  }
+  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
+    if (isa_supported(isa)) return isa;
+  }
+  return Isa::kPortable;
+}
+
+}  // namespace kimivl

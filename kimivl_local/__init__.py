@@ -1,0 +1,3 @@
+"""kimivl-local: run Kimi-VL-A3B on one consumer GPU or a CPU, offline."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""Build script: the Python package plus the CMake-built extension ``kimivl_local._C``.
+
+Environment knobs (all optional):
+  KIMIVL_SKIP_EXT=1        install the pure-Python package (ops fall back to torch references)
+  KIMIVL_CUDA=auto|on|off  compile the CUDA sources when nvcc is found (auto), always, or never
+  KIMIVL_CUDA_ARCHS=...    CMake CUDA_ARCHITECTURES list, e.g. "89" or "75;86;89"
+                           (default covers Turing to Blackwell consumer GPUs, see CMakeLists.txt)
+  KIMIVL_BUILD_JOBS=N      parallel compile jobs (default: all cores)
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+def _have_compiler() -> bool:
+    cxx = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    return cxx is not None and shutil.which(cxx) is not None
+
+
+class CMakeBuild(build_ext):
+    """Configures and builds csrc/ with CMake + Ninja; falls back to pure Python when it cannot."""
+
+    def build_extension(self, ext: CMakeExtension) -> None:
+        if os.environ.get("KIMIVL_SKIP_EXT", "0") == "1":
+            print("kimivl-local: KIMIVL_SKIP_EXT=1, installing without the compiled extension")
+            return
+        if not _have_compiler():
+            print("kimivl-local: WARNING no C++ compiler found; installing without the compiled "
+                  "extension (ops run on the slower torch references)")
+            return
+        cuda = os.environ.get("KIMIVL_CUDA", "auto").lower()
+        if cuda not in ("auto", "on", "off"):
+            raise SystemExit(f"KIMIVL_CUDA must be auto, on or off (got {cuda!r})")
+        try:
+            self._cmake(ext, cuda)
+        except subprocess.CalledProcessError:
+            if cuda != "auto":
+                raise
+            # A broken CUDA toolchain (host compiler too new for nvcc, ...) must not block a
+            # working CPU install: retry without CUDA and say so.
+            print("kimivl-local: WARNING the build with CUDA failed; retrying CPU-only "
+                  "(set KIMIVL_CUDA=on to make this an error)")
+            self._cmake(ext, "off")
+
+    def _cmake(self, ext: CMakeExtension, cuda: str) -> None:
+        ext_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / f"cmake-cuda-{cuda}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        import pybind11
+
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DKIMIVL_CUDA={cuda.upper()}",
+        ]
+        if os.environ.get("KIMIVL_CUDA_ARCHS"):
+            args.append(f"-DKIMIVL_CUDA_ARCHS={os.environ['KIMIVL_CUDA_ARCHS']}")
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        jobs = os.environ.get("KIMIVL_BUILD_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(
+    name="kimivl-local",
+    version="0.1.0",
+    description="Run Kimi-VL-A3B locally on one consumer GPU or a CPU",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["kimivl_local", "kimivl_local.model", "kimivl_local.quantize", "kimivl_local.app"],
+    package_dir={
+        "kimivl_local": "kimivl_local",
+        "kimivl_local.quantize": "quantize",
+        "kimivl_local.app": "app",
+    },
+    ext_modules=[CMakeExtension("kimivl_local._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.4",  # satisfied by the CPU build torch==2.13.0 (see README)
+        "numpy",
+        "safetensors>=0.4",
+        "tiktoken>=0.7",
+        "regex",
+        "pillow>=10",
+    ],
+    extras_require={
+        # transformers is the independent oracle for the language model; pexpect drives the CLI.
+        "test": ["pytest>=8", "transformers>=4.57", "pexpect"],
+    },
+    entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
+    zip_safe=False,
+)
