@@ -1,0 +1,118 @@
+"""The public Python API: `load()` and `KimiVL` (acceptance checks use it; keep it stable)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import GenerationConfig, KimiVLConfig
+from .errors import InputError, TokenizerError
+from .generate import Engine, GenerationStats
+from .loader import load_model, resolve_model_path
+from .sampling import SamplingParams
+from .thinking import THINK_CLOSE, split_thinking
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+class KimiVL:
+    """A loaded model with its tokenizer, ready to chat."""
+
+    def __init__(self, path: Path, model, tokenizer: Tokenizer, generation_config: GenerationConfig,
+                 max_context: int):
+        self.path = path
+        self.model = model
+        self.config: KimiVLConfig = model.config
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.engine = Engine(model, max_context)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.language_model.lm_head.weight.dtype
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return {self.tokenizer.im_end_id, self.tokenizer.eos_id, *self.generation_config.eos_ids}
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Token counts and timings of the latest generate() call."""
+        return self.engine.stats
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
+        """One full cache-free forward: input_ids LongTensor [T] -> fp32 logits [T, vocab]."""
+        if images:
+            raise InputError("this model build has no vision tower loaded; images are not supported")
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() != 1:
+            raise InputError(f"input_ids must be 1-D [T], got shape {list(ids.shape)}")
+        vocab = self.config.text.vocab_size
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise InputError(f"input_ids must be non-empty ids in [0, {vocab})")
+        lm = self.model.language_model
+        return lm.logits(lm.hidden_states(lm.embed(ids)))
+
+    def generate(self, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` as text pieces.
+
+        Thinking models' `◁think▷...◁/think▷` text is part of the stream (see
+        `kimivl_local.thinking` to separate it); it is removed from earlier assistant turns
+        before templating, as the official demo does.
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        sampling = SamplingParams(temperature, top_p, top_k, seed)
+        ids = self.tokenizer.encode_chat(_drop_old_thinking(messages), add_generation_prompt=True)
+        decoder = StreamDecoder(self.tokenizer, skip_special=True)
+        for token in self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                          stop_ids=self.stop_ids):
+            text = decoder.push(token)
+            if text:
+                yield text
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+
+def _drop_old_thinking(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        if m.get("role") == "assistant" and isinstance(m.get("content"), str) \
+                and THINK_CLOSE in m["content"]:
+            m = {**m, "content": split_thinking(m["content"])[1]}
+        out.append(m)
+    return out
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+         max_context: int | None = None) -> KimiVL:
+    """Load a Kimi-VL checkpoint folder (or a repo id from the local HF cache).
+
+    device: default CUDA when available, else CPU. dtype: default the checkpoint's (bf16).
+    max_context: tokens the preallocated cache holds (default min(8192, the model's limit)).
+    """
+    folder = resolve_model_path(path)
+    device = torch.device(device) if device is not None else default_device()
+    tokenizer = Tokenizer.from_dir(folder)
+    model = load_model(folder, dtype=dtype, device=device)
+    if tokenizer.vocab_size > model.config.text.vocab_size:
+        raise TokenizerError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model.config.text.vocab_size}")
+    limit = model.config.text.max_position_embeddings
+    return KimiVL(folder, model, tokenizer, GenerationConfig.from_dir(folder),
+                  max_context or min(DEFAULT_MAX_CONTEXT, limit))

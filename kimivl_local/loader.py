@@ -1,0 +1,100 @@
+"""Find a checkpoint (folder or Hugging Face repo id in the local cache), validate it strictly,
+and fill a model built on the meta device from the mmapped shards: one copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .config import KimiVLConfig
+from .errors import ModelNotFoundError
+from .model.kimivl import KimiVLForConditionalGeneration, checkpoint_names
+
+log = logging.getLogger("kimivl_local")
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache folder, honouring HF_HUB_CACHE and HF_HOME as huggingface_hub does."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """A checkpoint folder, given as a path or as a repo id already in the local HF cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json; point --model at "
+                                     "the checkpoint folder (the one holding config.json and the "
+                                     "*.safetensors files)")
+        return path
+    spec = str(spec)
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file; --model needs the checkpoint folder")
+    if not _REPO_ID.match(spec):
+        raise ModelNotFoundError(f"no such folder: {path}")
+    repo = hf_cache_dir() / f"models--{spec.replace('/', '--')}"
+    snapshots = repo / "snapshots"
+    candidates = []
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        candidates.append(snapshots / ref.read_text().strip())
+    if snapshots.is_dir():
+        candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for snap in candidates:
+        if (snap / "config.json").is_file():
+            return snap
+    raise ModelNotFoundError(
+        f"{spec} is not a folder and is not in the local Hugging Face cache ({hf_cache_dir()}). "
+        f"kimivl-local runs offline: download the weights first, e.g. "
+        f"`huggingface-cli download {spec}`, or pass the checkpoint folder")
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> KimiVLForConditionalGeneration:
+    """Validate the checkpoint at `path` against its config.json and load it.
+
+    dtype: compute dtype (default: the checkpoint's, bf16); the router's correction bias stays fp32.
+    """
+    config = KimiVLConfig.from_dir(path)
+    dtype = dtype or config.dtype
+    with torch.device("meta"):
+        model = KimiVLForConditionalGeneration(config)
+    ckpt = Checkpoint.open(path)
+    # The vision tower and projector are validated and loaded once the model has them.
+    ckpt.validate(model.expected_checkpoint(), ignore_prefixes=_unbuilt_prefixes(model))
+    try:
+        for name, param in list(model.named_parameters()):
+            keep_fp32 = name.endswith("e_score_correction_bias")
+            target = torch.float32 if keep_fp32 else dtype
+            names = checkpoint_names(name, param.shape)
+            if len(names) == 1:
+                value = ckpt.load(names[0]).to(device=device, dtype=target)
+            else:  # stacked experts: fill [E, ...] one expert at a time
+                value = torch.empty(param.shape, dtype=target, device=device)
+                for e, n in enumerate(names):
+                    value[e].copy_(ckpt.load(n))
+            _set_parameter(model, name, value)
+    finally:
+        ckpt.close()
+    model.eval()
+    return model
+
+
+def _unbuilt_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{p}." for p in ("vision_tower", "multi_modal_projector") if not hasattr(model, p))
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    model.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)

@@ -1,0 +1,66 @@
+"""The language model: embeddings, N pre-norm decoder layers (MLA + dense/MoE FFN), final norm,
+untied lm_head. Attribute names follow the checkpoint (`language_model.model.layers.{i}...`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .layers import RMSNorm, RotaryTable, SwiGLU, linear
+from .mla import MLAttention
+from .moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size,
+                                                                   cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
+        self.rope = RotaryTable(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def hidden_states(self, embeds: torch.Tensor, cache: torch.Tensor | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """embeds [T, hidden] at positions start..start+T-1 -> final-normed hidden [T, hidden].
+
+        cache: [num_layers, capacity, latent_dim] latent buffer (written at [start, start+T)),
+        or None for a cache-free forward from position 0.
+        """
+        positions = torch.arange(start, start + embeds.shape[0], device=embeds.device)
+        cos, sin = self.rope.get(positions)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], start)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> fp32 logits [T, vocab]."""
+        return F.linear(hidden, self.lm_head.weight).float()

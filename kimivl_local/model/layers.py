@@ -1,0 +1,79 @@
+"""Small building blocks shared by the language model: RMSNorm, SwiGLU MLP, interleaved RoPE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Statistics in fp32, result cast back to the input dtype, then scaled by the weight
+    (in the weight's dtype), exactly as the reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free Linear whose weight is filled by the loader (no random init)."""
+    layer = nn.Linear(in_features, out_features, bias=False)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense layer-0 MLP and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = linear(hidden, intermediate)
+        self.up_proj = linear(hidden, intermediate)
+        self.down_proj = linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryTable:
+    """cos/sin of pos * inv_freq (fp32), grown on demand up to max_positions.
+
+    Kept out of the module tree: it is derived, never loaded, and must not be counted as weights.
+    """
+
+    def __init__(self, dim: int, theta: float, max_positions: int):
+        # Explicit CPU: the model is built under torch.device("meta"), this table is not a weight.
+        exponent = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+        self.inv_freq = 1.0 / (theta ** exponent)
+        self.max_positions = max_positions
+        self._cos = self._sin = torch.empty(0, dim // 2, device="cpu")
+
+    def get(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, dim/2] in fp32 for integer positions [T]."""
+        need = int(positions.max()) + 1
+        if need > self._cos.shape[0] or self._cos.device != positions.device:
+            size = min(self.max_positions, max(need, 2 * self._cos.shape[0], 4096))
+            t = torch.arange(size, dtype=torch.float32, device=positions.device)
+            freqs = torch.outer(t, self.inv_freq.to(positions.device))
+            self._cos, self._sin = freqs.cos(), freqs.sin()
+        return self._cos[positions], self._sin[positions]
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2j], x[2j+1]) by angle_j (GPT-J style, DeepSeek's layout).
+
+    x: [T, ..., D]; cos/sin: [T, D/2] fp32. Like the reference, the rotation runs in x's dtype and
+    the result is returned de-interleaved, [rotated evens | rotated odds]; q and k get the same
+    permutation so q·k is unchanged, and the latent cache stores k in this layout.
+    """
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.to(x.dtype).view(shape), sin.to(x.dtype).view(shape)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,0 +1,95 @@
+"""Multi-head latent attention (MLA) with a latent-only KV cache.
+
+Per token the cache holds the normalised c_kv (kv_lora_rank) and the roped, shared k_pe
+(qk_rope_head_dim): 576 values instead of 16 heads x (192 + 128). Prefill expands the latents
+with kv_b_proj and attends normally; decode uses the absorbed form, folding kv_b_proj's key half
+into the query and its value half into the output, so the cache is never expanded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .layers import RMSNorm, apply_rope_interleaved, linear
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = cfg.qk_head_dim ** -0.5  # 1/sqrt(192): no YaRN mscale (rope_scaling is null)
+        self.q_proj = linear(cfg.hidden_size, self.num_heads * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = linear(cfg.hidden_size, cfg.latent_dim)
+        # Built without an eps argument in the reference, so the class default 1e-6 applies.
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = linear(self.num_heads * self.v_dim, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """x [T, hidden] at positions start..start+T-1; cos/sin [T, rope_dim/2].
+
+        cache: this layer's [capacity, rank + rope_dim] latent buffer, or None for a cache-free
+        forward over x alone (then start must be 0). New latents are written at [start, start+T).
+        """
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], -1)
+        if cache is not None:
+            cache[start:start + t] = latent
+            latent = cache[:start + t]
+        elif start != 0:
+            raise ValueError("start > 0 needs a cache holding the earlier tokens")
+        attend = self.attend_absorbed if t == 1 else self.attend_expanded
+        out = attend(q_nope, q_pe, latent, start)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+    def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]  # W_uk [H,128,r], W_uv [H,128,r]
+
+    def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                        start: int) -> torch.Tensor:
+        """Expand-then-attend: q [T,H,*], latent [S, rank+rope] with S = start+T -> [T,H,v_dim]."""
+        t, s = q_nope.shape[0], latent.shape[0]
+        c_kv, k_pe = latent.split([self.rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(s, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(s, self.num_heads, self.rope_dim)], -1)
+        q = torch.cat([q_nope, q_pe], -1)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            mask = causal_mask(t, s, start, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return out.transpose(0, 1)
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                        start: int) -> torch.Tensor:
+        """Absorbed form over the raw latents, in fp32: q [T,H,*], latent [S, rank+rope]."""
+        t, s = q_nope.shape[0], latent.shape[0]
+        w_uk, w_uv = (w.float() for w in self._split_kv_b())
+        lat = latent.float()
+        c_kv, k_pe = lat[:, :self.rank], lat[:, self.rank:]
+        q_lat = torch.einsum("thd,hdr->thr", q_nope.float(), w_uk)
+        scores = (torch.einsum("thr,sr->ths", q_lat, c_kv)
+                  + torch.einsum("thd,sd->ths", q_pe.float(), k_pe)) * self.scale
+        if t > 1:
+            scores = scores.masked_fill(~causal_mask(t, s, start, scores.device)[:, None], -torch.inf)
+        o_lat = torch.einsum("ths,sr->thr", scores.softmax(-1), c_kv)
+        return torch.einsum("thr,hdr->thd", o_lat, w_uv).to(q_nope.dtype)
+
+
+def causal_mask(t: int, s: int, start: int, device) -> torch.Tensor:
+    """[t, s] bool, True where query i (at position start+i) may see key j."""
+    rows = torch.arange(t, device=device)[:, None] + start
+    return torch.arange(s, device=device)[None, :] <= rows

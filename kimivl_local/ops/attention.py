@@ -1,0 +1,106 @@
+"""Variable-length (packed) attention: several independent sequences in one [T, H, D] tensor.
+
+`varlen_attention` is the single entry point used by the model (MoonViT: one bidirectional
+sequence per image; text prefill: causal). Its body is the torch fallback; a compiled kernel will
+take over behind the same signature. `varlen_attention_reference` is the test oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_args(q, k, v, cu_seqlens, causal, scale) -> list[int]:
+    """Validate the arguments (messages name the argument) and return cu_seqlens as a list."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape [T, H, D], got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.shape[-1] > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), "
+                             f"got strides {t.stride()}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must have shape [T, H, Dv] = [{q.shape[0]}, {q.shape[1]}, Dv], "
+                         f"got {tuple(v.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [n + 1] with n >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {q.shape[0]}, "
+                         f"got {bounds[0]} .. {bounds[-1]}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    return bounds
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     *, causal: bool, scale: float) -> torch.Tensor:
+    """Attention inside each packed sequence; no token attends across a sequence boundary.
+
+    q:          [T, H, Dqk] float16/bfloat16/float32/float64, last dim contiguous
+    k:          [T, H, Dqk] same dtype and device as q
+    v:          [T, H, Dv]  same dtype and device as q (Dv may differ from Dqk)
+    cu_seqlens: [n + 1] int32/int64 on q's device; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]
+                (0 first, T last, non-decreasing; empty sequences are allowed)
+    causal:     query j of a sequence sees keys 0..j of that sequence only
+    scale:      multiplier of q·k before the softmax (usually Dqk ** -0.5)
+    returns:    [T, H, Dv] in q's dtype
+    """
+    bounds = _check_args(q, k, v, cu_seqlens, causal, scale)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    # One SDPA call per sequence: memory is O(max_len^2), never O(T^2) for a block-diagonal mask.
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               cu_seqlens: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
+    """The same math written out (scores, mask, softmax, weighted sum) per sequence.
+
+    Computes in float64 when given float64 and in at least float32 otherwise; returns q's dtype.
+    """
+    bounds = _check_args(q, k, v, cu_seqlens, causal, scale)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=acc, device=q.device)
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (t[start:end].to(acc).transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if causal:
+            n = end - start
+            future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        weights = scores.exp()
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out[start:end] = (weights @ vs).transpose(0, 1)
+    return out.to(q.dtype)

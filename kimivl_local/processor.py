@@ -1,0 +1,184 @@
+"""Images -> MoonViT patches and placeholder counts (reference §4.1).
+
+Per image: decode with PIL (first frame, EXIF orientation applied, any mode to 8-bit RGB),
+down-scale with PIL bicubic only above `in_token_limit` raw patches, zero-pad right/bottom to
+multiples of patch x merge (pad_input) before normalising, then cut 14x14 patches in raster order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .config import PreprocessorConfig
+from .errors import InputError
+
+ImageInput = Union[Image.Image, str, os.PathLike]
+
+# MoonViT's 2-D RoPE table is 512x512; the reference refuses grids that reach it ("Exceed pos emb").
+MAX_GRID = 512
+
+# PIL clips wider-than-8-bit samples to 0..255 when converting to RGB; scale them from their range.
+_WIDE_MODE_MAX = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                  "I": 65535.0, "F": 1.0}
+
+
+@dataclass(frozen=True)
+class ProcessedImages:
+    pixel_values: torch.Tensor  # float32 [sum_i h_i * w_i, 3, patch, patch], images concatenated
+    grid_hws: torch.Tensor  # int64 [n_images, 2]: (h, w) in patches
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """Merged tokens (= placeholder count) per image, for a 2x2 merge: h*w/4."""
+        return [h * w // 4 for h, w in self.grid_hws.tolist()]
+
+
+def _scaled_size(width: int, height: int, patch: int, in_token_limit: int) -> tuple[int, int]:
+    """Size after the reference's down-scale; unchanged when within the limit (never up-scales)."""
+    raw = (width // patch) * (height // patch)
+    if raw <= in_token_limit:
+        return width, height
+    scale = math.sqrt(in_token_limit / raw)
+    # max(1, .): only reachable for shapes whose grid is refused anyway; keeps PIL from failing first.
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _grid(width: int, height: int, cfg: PreprocessorConfig, in_token_limit: int,
+          where: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized W, H), (grid h, grid w)) for an image of this size; InputError if it cannot fit."""
+    patch = cfg.patch_size
+    mh, mw = cfg.merge_kernel_size
+    width, height = _scaled_size(width, height, patch, in_token_limit)
+    if cfg.pad_input:
+        gh = -(-height // (patch * mh)) * mh
+        gw = -(-width // (patch * mw)) * mw
+    else:  # centre-crop to whole patches (not used by Kimi-VL: it can leave an odd grid)
+        gh, gw = height // patch, width // patch
+        if gh % mh or gw % mw or gh == 0 or gw == 0:
+            raise InputError(f"{where}: a {width}x{height} image cropped to whole patches gives a "
+                             f"{gh}x{gw} grid, not a multiple of the {mh}x{mw} merge "
+                             "(set pad_input to true)")
+    if gh >= MAX_GRID or gw >= MAX_GRID:
+        raise InputError(f"{where}: a {width}x{height} image needs a {gh}x{gw} patch grid; "
+                         f"MoonViT's position table allows fewer than {MAX_GRID} patches per side "
+                         "(lower in_token_limit or crop the image)")
+    return (width, height), (gh, gw)
+
+
+def token_count_for_size(width: int, height: int, in_token_limit: int) -> int:
+    """Merged image tokens for a width x height image (Kimi-VL: 14-pixel patches, 2x2 merge, padded).
+
+    Examples from the reference (in_token_limit 4096): 896x896 -> 1024, 640x480 -> 414,
+    1920x1080 -> 1032; with 16384: 1920x1080 -> 2691, 1792x1792 -> 4096.
+    """
+    _, (gh, gw) = _grid(width, height, PreprocessorConfig(), in_token_limit, f"{width}x{height} image")
+    return gh * gw // 4
+
+
+def _to_rgb(img: Image.Image, where: str) -> Image.Image:
+    """First frame, EXIF orientation applied, 8-bit RGB (alpha dropped, as `convert("RGB")` does)."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_MODE_MAX:
+        top = _WIDE_MODE_MAX[img.mode]
+        samples = np.asarray(img, dtype=np.float64).clip(0.0, top)
+        img = Image.fromarray(np.rint(samples * (255.0 / top)).astype(np.uint8), mode="L")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise InputError(f"{where}: cannot convert a {img.mode} image to RGB ({exc})") from None
+
+
+def _open(path: str | os.PathLike, header_only: bool = False) -> Image.Image | tuple[int, int]:
+    """Decode an image file to RGB (or just its displayed size), refusing bombs and non-images."""
+    where = os.fspath(path)
+    try:
+        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; refuse both.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if header_only:
+                    return _oriented_size(img)
+                return _to_rgb(img, where)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{where}: refusing a possible decompression bomb ({exc})") from None
+    except FileNotFoundError:
+        raise InputError(f"{where}: no such file") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{where}: not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data, unreadable file
+        raise InputError(f"{where}: cannot read the image ({exc})") from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(W, H) as displayed: EXIF orientations 5-8 swap the axes (what exif_transpose does)."""
+    width, height = img.size
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
+
+
+class ImageProcessor:
+    """Turns images (PIL images or file paths) into MoonViT inputs."""
+
+    def __init__(self, cfg: PreprocessorConfig, in_token_limit: int | None = None):
+        self.cfg = cfg
+        self.in_token_limit = cfg.in_token_limit if in_token_limit is None else in_token_limit
+        if self.in_token_limit < 1:
+            raise InputError(f"in_token_limit must be at least 1, got {self.in_token_limit}")
+        self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
+
+    def num_tokens(self, image: ImageInput) -> int:
+        """Merged tokens (placeholder count) for one image; a path is read for its header only."""
+        if isinstance(image, Image.Image):
+            size, where = _oriented_size(image), "image"
+        else:
+            size, where = _open(image, header_only=True), os.fspath(image)
+        _, (gh, gw) = _grid(*size, self.cfg, self.in_token_limit, where)
+        mh, mw = self.cfg.merge_kernel_size
+        return gh * gw // (mh * mw)
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> ProcessedImages:
+        if isinstance(images, (Image.Image, str, os.PathLike)):
+            images = [images]
+        patches, grids = [], []
+        for i, image in enumerate(images):
+            p, grid = self._one(image, f"image {i}")
+            patches.append(p)
+            grids.append(grid)
+        size = self.cfg.patch_size
+        pixel_values = torch.cat(patches) if patches else torch.empty(0, 3, size, size)
+        return ProcessedImages(pixel_values, torch.tensor(grids, dtype=torch.int64).view(-1, 2))
+
+    def _one(self, image: ImageInput, where: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        if isinstance(image, Image.Image):
+            img = _to_rgb(image, where)
+        elif isinstance(image, (str, os.PathLike)):
+            img = _open(image)
+            where = os.fspath(image)
+        else:
+            raise InputError(f"{where}: expected a PIL image or a path, got {type(image).__name__}")
+        (width, height), (gh, gw) = _grid(*img.size, self.cfg, self.in_token_limit, where)
+        if (width, height) != img.size:
+            img = img.resize((width, height), Image.Resampling.BICUBIC)  # antialiased, as the reference
+        p = self.cfg.patch_size
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        if self.cfg.pad_input:  # zeros at right/bottom, before normalising: pads become -mean/std
+            canvas = torch.zeros(3, gh * p, gw * p, dtype=torch.uint8)
+            canvas[:, :height, :width] = pixels
+        else:  # centre crop, rounding the offsets as torchvision's center_crop does
+            top, left = int(round((height - gh * p) / 2.0)), int(round((width - gw * p) / 2.0))
+            canvas = pixels[:, top:top + gh * p, left:left + gw * p]
+        x = (canvas.to(torch.float32) / 255.0 - self._mean) / self._std
+        x = x.view(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p)
+        return x, (gh, gw)
