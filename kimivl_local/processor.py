@@ -33,18 +33,13 @@ _WIDE_MODE_MAX = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 
 @dataclass(frozen=True)
 class ProcessedImages:
     pixel_values: torch.Tensor  # float32 [sum_i h_i * w_i, 3, patch, patch], images concatenated
-    grid_hws: torch.Tensor  # int64 [n_images, 2]: (h, w) in patches
-
-    @property
-    def num_tokens(self) -> list[int]:
-        """Merged tokens (= placeholder count) per image, for a 2x2 merge: h*w/4."""
-        return [h * w // 4 for h, w in self.grid_hws.tolist()]
+    grid_hws: torch.Tensor  # int64 [n_images, 2]: (h, w) in patches; tokens = h*w / merge area
 
 
 def _scaled_size(width: int, height: int, patch: int, in_token_limit: int) -> tuple[int, int]:
     """Size after the reference's down-scale; unchanged when within the limit (never up-scales)."""
     raw = (width // patch) * (height // patch)
-    if raw <= in_token_limit:
+    if raw < in_token_limit:
         return width, height
     scale = math.sqrt(in_token_limit / raw)
     # max(1, .): only reachable for shapes whose grid is refused anyway; keeps PIL from failing first.
@@ -56,6 +51,7 @@ def _grid(width: int, height: int, cfg: PreprocessorConfig, in_token_limit: int,
     """((resized W, H), (grid h, grid w)) for an image of this size; InputError if it cannot fit."""
     patch = cfg.patch_size
     mh, mw = cfg.merge_kernel_size
+    size = f"{width}x{height}"
     width, height = _scaled_size(width, height, patch, in_token_limit)
     if cfg.pad_input:
         gh = -(-height // (patch * mh)) * mh
@@ -63,11 +59,11 @@ def _grid(width: int, height: int, cfg: PreprocessorConfig, in_token_limit: int,
     else:  # centre-crop to whole patches (not used by Kimi-VL: it can leave an odd grid)
         gh, gw = height // patch, width // patch
         if gh % mh or gw % mw or gh == 0 or gw == 0:
-            raise InputError(f"{where}: a {width}x{height} image cropped to whole patches gives a "
+            raise InputError(f"{where}: a {size} image cropped to whole patches gives a "
                              f"{gh}x{gw} grid, not a multiple of the {mh}x{mw} merge "
                              "(set pad_input to true)")
     if gh >= MAX_GRID or gw >= MAX_GRID:
-        raise InputError(f"{where}: a {width}x{height} image needs a {gh}x{gw} patch grid; "
+        raise InputError(f"{where}: a {size} image needs a {gh}x{gw} patch grid; "
                          f"MoonViT's position table allows fewer than {MAX_GRID} patches per side "
                          "(lower in_token_limit or crop the image)")
     return (width, height), (gh, gw)

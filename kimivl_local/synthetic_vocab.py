@@ -167,7 +167,7 @@ CHAT_TEMPLATE = (
 
 
 def write_tokenizer_files(dst: Path, n_base: int) -> None:
-    """Write `tiktoken.model` and `tokenizer_config.json` as the official checkpoint lays them out."""
+    """Write `tiktoken.model` and `tokenizer_config.json` laid out like the official ones."""
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     ranks = build_ranks(n_base)

@@ -8,11 +8,11 @@ encoded segment by segment, so text typed by a user can never become a control t
 from __future__ import annotations
 
 import base64
-import binascii
 import codecs
 import json
 import numbers
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,7 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
         try:
             token_b64, rank = line.split()
             ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
-        except (ValueError, binascii.Error):
+        except ValueError:  # binascii.Error included
             raise TokenizerError(
                 f"{path}: line {lineno} is not 'base64-token rank': {line[:80]!r}"
             ) from None
@@ -169,7 +169,8 @@ class Tokenizer:
         id_to_name.update({i: n for i, n in (special_names or {}).items() if i in id_to_name})
         special = {name: i for i, name in id_to_name.items()}
         if len(special) != NUM_RESERVED_SPECIAL:
-            raise TokenizerError("two special tokens share one name")
+            shared = sorted(n for n, c in Counter(id_to_name.values()).items() if c > 1)
+            raise TokenizerError(f"several special tokens are named {', '.join(shared)}")
         self._n_base = n_base
         self._special = special
         self._enc = tiktoken.Encoding(

@@ -36,7 +36,13 @@ REFERENCE_EXAMPLE = (
 
 CONVERSATIONS = {
     "image_then_text": [
-        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Describe this image."}]}
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a.png"},
+                {"type": "text", "text": "Describe this image."},
+            ],
+        }
     ],
     "plain_string": [{"role": "user", "content": "Hello, how are you?"}],
     "own_system_multi_turn": [
@@ -95,7 +101,9 @@ def moonshot_encode(tok_dir):
     ranks = load_tiktoken_bpe(str(tok_dir / "tiktoken.model"))
     config = json.loads((tok_dir / "tokenizer_config.json").read_text())
     special = {v["content"]: int(k) for k, v in config["added_tokens_decoder"].items()}
-    enc = tiktoken.Encoding("moonshot", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=special)
+    enc = tiktoken.Encoding(
+        "moonshot", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=special
+    )
 
     def encode(text: str) -> list[int]:
         ids = []
@@ -117,7 +125,8 @@ def test_render_matches_reference_example(tok):
 def test_render_own_system_no_generation_prompt(tok):
     messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
     assert tok.render_chat(messages, add_generation_prompt=False) == (
-        "<|im_system|>system<|im_middle|>Be terse.<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|>"
+        "<|im_system|>system<|im_middle|>Be terse.<|im_end|>"
+        "<|im_user|>user<|im_middle|>Hi<|im_end|>"
     )
 
 
@@ -135,8 +144,9 @@ def test_jinja_chat_template_renders_like_render_chat(tok, tok_dir, name):
     # The environment transformers uses for apply_chat_template.
     env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     for gen in (True, False):
-        rendered = env.from_string(template).render(messages=CONVERSATIONS[name], add_generation_prompt=gen)
-        assert rendered == tok.render_chat(CONVERSATIONS[name], gen)
+        messages = CONVERSATIONS[name]
+        rendered = env.from_string(template).render(messages=messages, add_generation_prompt=gen)
+        assert rendered == tok.render_chat(messages, gen)
 
 
 def test_control_token_text_in_a_message_stays_text(tok):
@@ -158,7 +168,8 @@ def test_image_token_counter_expands_placeholders(tok):
     expanded = expanding.encode_chat(messages)
     assert [list(it) for it in seen] == [["type", "image_url"], ["image"]]
     assert expanded.count(tok.media_pad_id) == 8
-    assert [i for i in expanded if i != tok.media_pad_id] == [i for i in plain if i != tok.media_pad_id]
+    pad = tok.media_pad_id
+    assert [i for i in expanded if i != pad] == [i for i in plain if i != pad]
     assert tok.render_chat(messages).count("<|media_pad|>") == 2
 
 
@@ -183,7 +194,14 @@ def test_bad_messages_name_the_message(tok, messages, index):
 
 @pytest.mark.parametrize(
     "text",
-    ["", "Hello world", "你好，世界！视觉语言模型", "emoji 🦀🐱👍🏽 mix", "◁think▷ reasoning ◁/think▷ answer", "a\r\n\tb  \u00a0c"],
+    [
+        "",
+        "Hello world",
+        "你好，世界！视觉语言模型",
+        "emoji 🦀🐱👍🏽 mix",
+        "◁think▷ reasoning ◁/think▷ answer",
+        "a\r\n\tb  \u00a0c",
+    ],
 )
 def test_round_trip_unicode(tok, text):
     assert tok.decode(tok.encode(text)) == text
@@ -207,7 +225,8 @@ def test_pat_str_class_intersection_keeps_han_apart():
 def test_split_matches_moonshot_loop():
     rnd = random.Random(0)
     for _ in range(300):
-        s = "".join(rnd.choice("ab \n\u3000x") * rnd.randrange(1, 9) for _ in range(rnd.randrange(6)))
+        runs = [rnd.choice("ab \n\u3000x") * rnd.randrange(1, 9) for _ in range(rnd.randrange(6))]
+        s = "".join(runs)
         assert list(split_for_tiktoken(s, max_chars=17, max_run=5)) == [
             p for i in range(0, len(s), 17) for p in moonshot_split(s[i : i + 17], 5)
         ]
@@ -303,7 +322,9 @@ def test_corrupt_tiktoken_model_names_file_and_line(tmp_path, bad_line):
         Tokenizer.from_dir(tmp_path)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"added_tokens_decoder": {"x": {"content": "a"}}}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", "[]", '{"added_tokens_decoder": {"x": {"content": "a"}}}']
+)
 def test_invalid_tokenizer_config(tmp_path, content):
     write_tokenizer_files(tmp_path, N_BASE)
     (tmp_path / "tokenizer_config.json").write_text(content)

@@ -1,0 +1,189 @@
+"""`kimivl-local`: info | synthetic | generate | chat.
+
+Every subcommand parses its input and calls the library in-process. User mistakes end with one
+line on stderr (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import KimiVLError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args) or 0
+    except KimiVLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("error: out of memory; try --max-context smaller or a quantized checkpoint",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        print(f"error: out of memory ({str(exc).splitlines()[0]}); try --max-context smaller, "
+              "--device cpu, or a quantized checkpoint", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kimivl-local",
+                                     description="Chat with Kimi-VL-A3B locally, offline.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("info", help="what was built and found: extension, CPU, GPU, model")
+    p.add_argument("model", nargs="?", help="optional checkpoint folder or HF repo id to describe")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synthetic", help="write a synthetic checkpoint in the official layout")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--layers", type=int, help="num_hidden_layers (full preset default 27)")
+    p.add_argument("--experts", type=int, help="n_routed_experts (full preset default 64)")
+    p.add_argument("--vision-layers", type=int, help="MoonViT blocks (full preset default 27)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+
+    for name, func, help_ in [("generate", cmd_generate, "answer one prompt (for scripts)"),
+                              ("chat", cmd_chat, "interactive chat in the terminal")]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint folder or HF repo id")
+        p.add_argument("--model", help="checkpoint folder or HF repo id (same as MODEL)")
+        if name == "generate":
+            p.add_argument("--prompt", "-p", help="the user message (default: read stdin)")
+        p.add_argument("--image", action="append", default=[], type=Path,
+                       help="attach an image (repeatable)")
+        p.add_argument("--system", help="system prompt (default: the model's)")
+        _sampling_args(p)
+        _runtime_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-context", type=int, help="tokens of context to allocate (default 8192)")
+
+
+def _load(args):
+    import torch
+
+    from . import load
+
+    spec = args.model or args.model_pos
+    if not spec:
+        raise KimiVLError("no model given: pass a checkpoint folder or a Hugging Face repo id, "
+                          "e.g. `kimivl-local chat --model moonshotai/Kimi-VL-A3B-Instruct`")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    t0 = time.perf_counter()
+    model = load(spec, device=args.device, dtype=dtype, max_context=args.max_context)
+    print(f"loaded {model.path} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return model
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _user_message(text: str, images: list[Path]) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    items = [{"type": "image", "image": str(p)} for p in images]
+    return {"role": "user", "content": items + [{"type": "text", "text": text}]}
+
+
+def _check_images(images: list[Path]) -> None:
+    for image in images:
+        if not image.is_file():
+            raise KimiVLError(f"image not found: {image}")
+
+
+def cmd_generate(args) -> int:
+    _check_images(args.image)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model = _load(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append(_user_message(prompt, args.image))
+    for piece in model.generate(messages, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(_stats_line(model.last_stats), file=sys.stderr)
+    return 0
+
+
+def _stats_line(stats) -> str:
+    return (f"[{stats.prompt_tokens} prompt tokens ({stats.reused_tokens} cached), "
+            f"{stats.prefill_tokens_per_second:.1f} tok/s prefill; {stats.generated_tokens} "
+            f"generated, {stats.decode_tokens_per_second:.1f} tok/s; {stats.finish_reason}]")
+
+
+def cmd_chat(args) -> int:
+    from .chat_repl import ChatRepl
+
+    _check_images(args.image)
+    return ChatRepl(_load(args), args.system, _sampling(args), list(args.image)).run()
+
+
+def cmd_synthetic(args) -> int:
+    from .synthetic import write_checkpoint
+
+    text, vision = {}, {}
+    if args.layers is not None:
+        text["num_hidden_layers"] = args.layers
+    if args.experts is not None:
+        text["n_routed_experts"] = args.experts
+        text["num_experts_per_tok"] = min(6 if args.preset == "full" else 3, args.experts)
+    if args.vision_layers is not None:
+        vision["num_hidden_layers"] = args.vision_layers
+    t0 = time.perf_counter()
+    try:
+        path = write_checkpoint(args.dst, preset=args.preset, seed=args.seed,
+                                text_overrides=text, vision_overrides=vision)
+    except FileExistsError as exc:
+        raise KimiVLError(str(exc)) from None
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote {args.preset} synthetic checkpoint to {path} ({size / 2**20:.1f} MiB) in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import collect_info, format_info
+
+    info = collect_info(args.model)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

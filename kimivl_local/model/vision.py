@@ -1,0 +1,166 @@
+"""MoonViT, the Kimi-VL vision tower (reference §4.2-4.4).
+
+Attribute names mirror the checkpoint's `vision_tower.*` tensors, so `state_dict()` keys are those
+names without the prefix. No buffers: the RoPE angles are computed per call on the input's device,
+which keeps the module constructible on the meta device and fillable from mmapped safetensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from ..ops import varlen_attention
+
+ROPE_THETA = 10000.0
+
+
+class LearnedPosEmb2D(nn.Module):
+    """A [H0, W0, dim] table, bicubically resized to each image's grid and added to its patches."""
+
+    def __init__(self, height: int, width: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(height, width, dim))
+        nn.init.normal_(self.weight)
+
+    def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        table = self.weight.permute(2, 0, 1).unsqueeze(0)  # [1, dim, H0, W0]
+        # Always interpolate (even to smaller grids: no cropping); align_corners=False, no antialias,
+        # in the table's dtype, like the reference.
+        pos = [F.interpolate(table, size=(h, w), mode="bicubic").squeeze(0).permute(1, 2, 0)
+               .reshape(h * w, -1) for h, w in grids]
+        return x + torch.cat(pos)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(3, cfg.hidden_size, kernel_size=p, stride=p)
+        self.pos_emb = LearnedPosEmb2D(cfg.init_pos_emb_height, cfg.init_pos_emb_width, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        x = self.proj(pixel_values).view(pixel_values.shape[0], -1)
+        return self.pos_emb(x, grids)
+
+
+def rope_2d_freqs(grids: list[tuple[int, int]], head_dim: int, device: torch.device) -> torch.Tensor:
+    """complex64 [sum h*w, head_dim/2] rotations; positions restart at (0, 0) for every image.
+
+    Complex pair 2i turns by col * theta_i (width), pair 2i+1 by row * theta_i (height), with
+    theta_i = 10000^(-4i/head_dim): the reference code's layout (its docstring says the opposite).
+    Angles are fp32 products, as in the reference's precomputed table, so values match it exactly.
+    """
+    dim_range = torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float()
+    theta = 1.0 / (ROPE_THETA ** (dim_range / head_dim))  # [head_dim/4]
+    out = []
+    for h, w in grids:
+        idx = torch.arange(h * w, device=device)
+        col, row = (idx % w).float(), torch.div(idx, w, rounding_mode="floor").float()
+        angles = torch.stack([torch.outer(col, theta), torch.outer(row, theta)], dim=-1)
+        out.append(torch.polar(torch.ones_like(angles), angles).reshape(h * w, -1))
+    return torch.cat(out)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2j, 2j+1) of x [N, heads, D] by freqs [N, D/2], in fp32 complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs.unsqueeze(1)).flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc0 = nn.Linear(dim, hidden)
+        self.fc1 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm: x + wo(attn(rope(wqkv(norm0 x)))), then x + mlp(norm1 x)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.norm0 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+        self.wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        # wqkv rows are [q heads | k heads | v heads].
+        q, k, v = self.wqkv(self.norm0(x)).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        attn = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=self.head_dim ** -0.5)
+        x = x + self.wo(attn.reshape(n, -1))
+        return x + self.mlp(self.norm1(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cu_seqlens, freqs)
+        return self.final_layernorm(x)
+
+
+def patch_merge(x: torch.Tensor, grids: list[tuple[int, int]],
+                kernel: tuple[int, int]) -> list[torch.Tensor]:
+    """Per image, [(h/kh)(w/kw), kh*kw, C]: merged tokens in raster order, each holding its
+    sub-patches row by row (2x2: top-left, top-right, bottom-left, bottom-right)."""
+    kh, kw = kernel
+    out, start = [], 0
+    for h, w in grids:
+        img = x[start:start + h * w].view(h // kh, kh, w // kw, kw, -1)
+        out.append(img.permute(0, 2, 1, 3, 4).reshape((h // kh) * (w // kw), kh * kw, -1))
+        start += h * w
+    return out
+
+
+class MoonViT(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.encoder = Encoder(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[torch.Tensor]:
+        """pixel_values [N, 3, p, p] (any float dtype; cast to the tower's), grid_hws [n, 2] (h, w)
+        with sum h*w = N -> per image [(h/2)(w/2), 4, hidden] in the tower's dtype."""
+        grids = self._check(pixel_values, grid_hws)
+        weight = self.patch_embed.proj.weight
+        x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids)
+        lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
+        cu_seqlens = lengths.cumsum(0).to(device=x.device, dtype=torch.int32)
+        freqs = rope_2d_freqs(grids, self.cfg.head_dim, x.device)
+        x = self.encoder(x, cu_seqlens, freqs)
+        return patch_merge(x, grids, self.cfg.merge_kernel_size)
+
+    def _check(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[tuple[int, int]]:
+        p = self.cfg.patch_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, p, p):
+            raise ValueError(f"pixel_values must have shape [N, 3, {p}, {p}], "
+                             f"got {tuple(pixel_values.shape)}")
+        if grid_hws.dim() != 2 or grid_hws.shape[1] != 2:
+            raise ValueError(f"grid_hws must have shape [n_images, 2], got {tuple(grid_hws.shape)}")
+        grids = [(int(h), int(w)) for h, w in grid_hws.tolist()]
+        kh, kw = self.cfg.merge_kernel_size
+        for h, w in grids:
+            if h <= 0 or w <= 0 or h % kh or w % kw:
+                raise ValueError(f"grid_hws entry ({h}, {w}) must be positive multiples of the "
+                                 f"{kh}x{kw} merge kernel")
+        total = sum(h * w for h, w in grids)
+        if total != pixel_values.shape[0]:
+            raise ValueError(f"grid_hws covers {total} patches but pixel_values has "
+                             f"{pixel_values.shape[0]}")
+        return grids
