@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .config import KimiVLConfig
 from .synthetic_vocab import write_tokenizer_files
 
 N_BASE_REAL = 163584  # BPE tokens of the real tiktoken.model; 256 specials follow
@@ -216,6 +217,7 @@ def write_checkpoint(path, preset: str = "tiny", seed: int = 0, text_overrides: 
     """Write a synthetic checkpoint folder at `path` (created; must not already hold one)."""
     path = Path(path)
     config, n_base = build_configs(preset, text_overrides, vision_overrides)
+    KimiVLConfig.from_dict(config)  # refuse a config the runtime could not load, before writing
     if (path / "config.json").exists():
         raise FileExistsError(f"{path} already holds a checkpoint; remove it first")
     tmp = path.with_name(path.name + ".partial")

@@ -1,0 +1,114 @@
+"""Generation: sampling rules, stop tokens, context limits, thinking separation."""
+
+import pytest
+import torch
+
+from kimivl_local.errors import ContextLengthError, InputError
+from kimivl_local.generate import Engine
+from kimivl_local.sampling import Sampler, SamplingParams
+from kimivl_local.thinking import ThinkingSplitter, split_thinking
+
+
+def _draws(params, logits, n=2000):
+    sampler = Sampler(params)
+    return torch.tensor([sampler(logits) for _ in range(n)])
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert Sampler(SamplingParams())(logits) == 1
+
+
+def test_top_k_restricts_to_k_best():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    draws = _draws(SamplingParams(temperature=1.0, top_k=2, seed=0), logits)
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    # top_p 0.7: 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7 -> tokens {0, 1}, renormalised to 5/8, 3/8.
+    draws = _draws(SamplingParams(temperature=1.0, top_p=0.7, seed=1), probs.log(), n=4000)
+    assert set(draws.tolist()) == {0, 1}
+    assert (draws == 0).float().mean().item() == pytest.approx(0.625, abs=0.03)
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([1.0, 0.0])
+    hot = (_draws(SamplingParams(temperature=2.0, seed=2), logits) == 0).float().mean()
+    cold = (_draws(SamplingParams(temperature=0.25, seed=2), logits) == 0).float().mean()
+    assert cold > 0.95 > hot > 0.5
+
+
+def test_seed_reproducible():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    a = _draws(SamplingParams(temperature=1.0, seed=42), logits, n=50)
+    b = _draws(SamplingParams(temperature=1.0, seed=42), logits, n=50)
+    assert torch.equal(a, b)
+
+
+def test_bad_sampling_params():
+    for kwargs in ({"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
+        with pytest.raises(InputError):
+            SamplingParams(**kwargs)
+
+
+def test_stops_on_stop_token_and_counts(tiny_model_fp32):
+    ids = tiny_model_fp32.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    engine = Engine(tiny_model_fp32.model, max_context=128)
+    free = list(engine.generate(ids, max_new_tokens=6, sampling=SamplingParams(), stop_ids=set()))
+    assert len(free) == 6 and engine.stats.finish_reason == "length"
+    # Make a later greedy token a stop token: generation ends before it and does not yield it.
+    j = next(j for j in range(1, 6) if free[j] not in free[:j])
+    stopped = list(engine.generate(ids, max_new_tokens=6, sampling=SamplingParams(),
+                                   stop_ids={free[j]}))
+    assert stopped == free[:j] and engine.stats.finish_reason == "stop"
+
+
+def test_model_stops_on_im_end_and_eos(tiny_model_fp32):
+    tok = tiny_model_fp32.tokenizer
+    assert {tok.im_end_id, tok.eos_id} <= tiny_model_fp32.stop_ids
+
+
+def test_generation_fills_context_then_stops(tiny_model_fp32):
+    engine = Engine(tiny_model_fp32.model, max_context=20)
+    out = list(engine.generate(list(range(15)), max_new_tokens=50, sampling=SamplingParams(),
+                               stop_ids=set()))
+    assert engine.stats.finish_reason == "context" and len(out) == 6  # 15 + 5 cached + 1 sampled
+
+
+def test_prompt_longer_than_context(tiny_model_fp32):
+    engine = Engine(tiny_model_fp32.model, max_context=20)
+    with pytest.raises(ContextLengthError, match="20"):
+        engine.prefill(list(range(25)))
+
+
+def test_split_thinking():
+    assert split_thinking("◁think▷ a plan ◁/think▷ The answer.") == ("a plan", "The answer.")
+    assert split_thinking("Just an answer.") == ("", "Just an answer.")
+    assert split_thinking("◁think▷ unfinished") == ("unfinished", "")
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_thinking_splitter_streams_markers_cut_anywhere(cut):
+    text = "◁think▷reason ◁ok▷◁/think▷answer ◁think▷ stays"
+    pieces = [text[i:i + cut] for i in range(0, len(text), cut)]
+    splitter, out = ThinkingSplitter(), []
+    for piece in pieces:
+        out += list(splitter.feed(piece))
+    out += list(splitter.flush())
+    thinking = "".join(t for c, t in out if c == "thinking")
+    answer = "".join(t for c, t in out if c == "answer")
+    assert thinking == "reason ◁ok▷"
+    assert answer == "answer ◁think▷ stays"  # only one thinking block, at the start
+
+
+def test_generate_drops_old_thinking_from_history(tiny_model_fp32):
+    tok = tiny_model_fp32.tokenizer
+    from kimivl_local.api import _drop_old_thinking
+
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "◁think▷ long reasoning ◁/think▷ short"},
+                {"role": "user", "content": "q2"}]
+    rendered = tok.render_chat(_drop_old_thinking(messages))
+    assert "long reasoning" not in rendered and "short" in rendered
