@@ -25,7 +25,8 @@ ImageInput = Union[Image.Image, str, os.PathLike]
 # MoonViT's 2-D RoPE table is 512x512; the reference refuses grids that reach it ("Exceed pos emb").
 MAX_GRID = 512
 
-# PIL clips wider-than-8-bit samples to 0..255 when converting to RGB; scale them from their range.
+# PIL clips wider-than-8-bit samples to 0..255 when converting to RGB; scale them from their range
+# instead ("I" is how older Pillow and some TIFFs carry 16-bit samples; float images are 0..1).
 _WIDE_MODE_MAX = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
                   "I": 65535.0, "F": 1.0}
 
@@ -39,7 +40,7 @@ class ProcessedImages:
 def _scaled_size(width: int, height: int, patch: int, in_token_limit: int) -> tuple[int, int]:
     """Size after the reference's down-scale; unchanged when within the limit (never up-scales)."""
     raw = (width // patch) * (height // patch)
-    if raw < in_token_limit:
+    if raw <= in_token_limit:
         return width, height
     scale = math.sqrt(in_token_limit / raw)
     # max(1, .): only reachable for shapes whose grid is refused anyway; keeps PIL from failing first.
@@ -87,7 +88,7 @@ def _to_rgb(img: Image.Image, where: str) -> Image.Image:
     if img.mode in _WIDE_MODE_MAX:
         top = _WIDE_MODE_MAX[img.mode]
         samples = np.asarray(img, dtype=np.float64).clip(0.0, top)
-        img = Image.fromarray(np.rint(samples * (255.0 / top)).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.rint(samples * (255.0 / top)).astype(np.uint8))  # 2-D uint8 -> "L"
     try:
         return img.convert("RGB")
     except ValueError as exc:
@@ -95,7 +96,7 @@ def _to_rgb(img: Image.Image, where: str) -> Image.Image:
 
 
 def _open(path: str | os.PathLike, header_only: bool = False) -> Image.Image | tuple[int, int]:
-    """Decode an image file to RGB (or just its displayed size), refusing bombs and non-images."""
+    """Decode an image file to RGB (or read just its size), refusing bombs and non-images."""
     where = os.fspath(path)
     try:
         # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; refuse both.
@@ -103,7 +104,7 @@ def _open(path: str | os.PathLike, header_only: bool = False) -> Image.Image | t
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if header_only:
-                    return _oriented_size(img)
+                    return img.size
                 return _to_rgb(img, where)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"{where}: refusing a possible decompression bomb ({exc})") from None
@@ -113,14 +114,6 @@ def _open(path: str | os.PathLike, header_only: bool = False) -> Image.Image | t
         raise InputError(f"{where}: not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data, unreadable file
         raise InputError(f"{where}: cannot read the image ({exc})") from None
-
-
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(W, H) as displayed: EXIF orientations 5-8 swap the axes (what exif_transpose does)."""
-    width, height = img.size
-    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-        return height, width
-    return width, height
 
 
 class ImageProcessor:
@@ -135,9 +128,12 @@ class ImageProcessor:
         self._std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
 
     def num_tokens(self, image: ImageInput) -> int:
-        """Merged tokens (placeholder count) for one image; a path is read for its header only."""
+        """Merged tokens (placeholder count) for one image; a path is read for its header only.
+
+        EXIF orientation is ignored here: swapping W and H leaves the count unchanged.
+        """
         if isinstance(image, Image.Image):
-            size, where = _oriented_size(image), "image"
+            size, where = image.size, "image"
         else:
             size, where = _open(image, header_only=True), os.fspath(image)
         _, (gh, gw) = _grid(*size, self.cfg, self.in_token_limit, where)

@@ -90,6 +90,17 @@ def test_no_upscale_and_limit_override():
     assert ImageProcessor(CFG).preprocess(Image.new("RGB", (5, 3))).grid_hws.tolist() == [[2, 2]]
 
 
+def test_pad_input_false_centre_crops_to_whole_patches():
+    cfg = PreprocessorConfig(pad_input=False)
+    img = random_rgb(59, 31, seed=4)  # crops to 56x28 at offset (left 2, top 2): round(1.5) = 2
+    out = ImageProcessor(cfg).preprocess(img)
+    assert out.grid_hws.tolist() == [[2, 4]]
+    want = expected_patches(np.asarray(img)[2:30, 2:58], (2, 4))
+    np.testing.assert_allclose(out.pixel_values.numpy(), want, rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="3x4 grid"):  # 45 rows -> 3 patch rows: cannot merge 2x2
+        ImageProcessor(cfg).preprocess(random_rgb(56, 45))
+
+
 def test_several_images_concatenate_in_order(tmp_path):
     a, b = random_rgb(28, 28, seed=2), random_rgb(56, 28, seed=3)
     b.save(tmp_path / "b.png")
