@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .config import GenerationConfig, KimiVLConfig
+from .config import GenerationConfig, KimiVLConfig, PreprocessorConfig
 from .errors import InputError, TokenizerError
 from .generate import Engine, GenerationStats
 from .loader import load_model, resolve_model_path
+from .multimodal import ImageEncoder, build_prompt, image_of
+from .processor import ImageProcessor
 from .sampling import SamplingParams
 from .thinking import THINK_CLOSE, split_thinking
 from .tokenizer import StreamDecoder, Tokenizer
@@ -23,13 +25,17 @@ class KimiVL:
     """A loaded model with its tokenizer, ready to chat."""
 
     def __init__(self, path: Path, model, tokenizer: Tokenizer, generation_config: GenerationConfig,
-                 max_context: int):
+                 processor: ImageProcessor, max_context: int):
         self.path = path
         self.model = model
         self.config: KimiVLConfig = model.config
         self.tokenizer = tokenizer
         self.generation_config = generation_config
+        self.processor = processor
+        self.images = ImageEncoder(model, processor)
         self.engine = Engine(model, max_context)
+        # encode_chat expands each image item to its placeholder count.
+        tokenizer.image_token_counter = lambda item: processor.num_tokens(image_of(item))
 
     @property
     def device(self) -> torch.device:
@@ -49,18 +55,25 @@ class KimiVL:
         return self.engine.stats
 
     @torch.inference_mode()
+    def image_features(self, images: list) -> list[torch.Tensor]:
+        """Projector outputs, one [tokens_i, hidden] tensor per image (PIL images or paths)."""
+        return self.images.features(self.images.preprocess(list(images)))
+
+    @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, images=None) -> torch.Tensor:
-        """One full cache-free forward: input_ids LongTensor [T] -> fp32 logits [T, vocab]."""
-        if images:
-            raise InputError("this model build has no vision tower loaded; images are not supported")
+        """One full cache-free forward: input_ids LongTensor [T] -> fp32 logits [T, vocab].
+
+        images (PIL images or paths), when given, fill the placeholder runs in order.
+        """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() != 1:
             raise InputError(f"input_ids must be 1-D [T], got shape {list(ids.shape)}")
         vocab = self.config.text.vocab_size
         if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise InputError(f"input_ids must be non-empty ids in [0, {vocab})")
+        features = self.image_features(images) if images else None
         lm = self.model.language_model
-        return lm.logits(lm.hidden_states(lm.embed(ids)))
+        return lm.logits(lm.hidden_states(self.model.embed(ids, features)))
 
     def generate(self, messages: list[dict], *, max_new_tokens: int = 512, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
@@ -73,9 +86,9 @@ class KimiVL:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         sampling = SamplingParams(temperature, top_p, top_k, seed)
-        ids = self.tokenizer.encode_chat(_drop_old_thinking(messages), add_generation_prompt=True)
+        prompt = build_prompt(self.model, self.tokenizer, self.images, _drop_old_thinking(messages))
         decoder = StreamDecoder(self.tokenizer, skip_special=True)
-        for token in self.engine.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
+        for token in self.engine.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                                           stop_ids=self.stop_ids):
             text = decoder.push(token)
             if text:
@@ -100,11 +113,13 @@ def default_device() -> torch.device:
 
 
 def load(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-         max_context: int | None = None) -> KimiVL:
+         max_context: int | None = None, max_image_tokens: int | None = None) -> KimiVL:
     """Load a Kimi-VL checkpoint folder (or a repo id from the local HF cache).
 
     device: default CUDA when available, else CPU. dtype: default the checkpoint's (bf16).
     max_context: tokens the preallocated cache holds (default min(8192, the model's limit)).
+    max_image_tokens: raw 14x14 patches per image before down-scaling (default: the
+    preprocessor config's in_token_limit; lower it on slow machines).
     """
     folder = resolve_model_path(path)
     device = torch.device(device) if device is not None else default_device()
@@ -114,5 +129,6 @@ def load(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
         raise TokenizerError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.text.vocab_size}")
     limit = model.config.text.max_position_embeddings
-    return KimiVL(folder, model, tokenizer, GenerationConfig.from_dir(folder),
+    processor = ImageProcessor(PreprocessorConfig.from_dir(folder), in_token_limit=max_image_tokens)
+    return KimiVL(folder, model, tokenizer, GenerationConfig.from_dir(folder), processor,
                   max_context or min(DEFAULT_MAX_CONTEXT, limit))

@@ -13,7 +13,8 @@ class LatentCache:
     def __init__(self, num_layers: int, capacity: int, latent_dim: int, dtype: torch.dtype,
                  device: torch.device | str):
         self.kv = torch.zeros(num_layers, capacity, latent_dim, dtype=dtype, device=device)
-        self.tokens: list[int] = []  # the ids whose latents are in kv[:, :len(tokens)]
+        # One key per cached position (token id, or an image placeholder's (digest, index)).
+        self.tokens: list = []
 
     @property
     def capacity(self) -> int:
@@ -23,16 +24,16 @@ class LatentCache:
     def device(self) -> torch.device:
         return self.kv.device
 
-    def common_prefix(self, ids: list[int], limit: int | None = None) -> int:
-        """How many leading `ids` are already cached (at most `limit`)."""
-        n = min(len(ids), len(self.tokens), len(ids) if limit is None else limit)
+    def common_prefix(self, keys: list) -> int:
+        """How many leading positions of `keys` are already cached."""
+        n = min(len(keys), len(self.tokens))
         i = 0
-        while i < n and ids[i] == self.tokens[i]:
+        while i < n and keys[i] == self.tokens[i]:
             i += 1
         return i
 
-    def set_tokens(self, ids: list[int]) -> None:
-        self.tokens = list(ids)
+    def set_tokens(self, keys: list) -> None:
+        self.tokens = list(keys)
 
     def append(self, token: int) -> None:
         self.tokens.append(token)

@@ -101,12 +101,10 @@ class Checkpoint:
         raise CheckpointError(f"no weights in {path}: expected {INDEX_FILE} (sharded) or "
                               f"{SINGLE_FILE}")
 
-    def validate(self, expected: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]],
-                 ignore_prefixes: tuple[str, ...] = ()) -> None:
+    def validate(self, expected: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]) -> None:
         """Raise one CheckpointError listing missing, unexpected, mis-shaped or mis-typed tensors.
 
-        `expected` maps each tensor name to (shape, allowed dtypes). Tensors under
-        `ignore_prefixes` are neither required nor reported as unexpected.
+        `expected` maps each tensor name to (shape, allowed dtypes).
         """
         problems = []
         for name, (shape, dtypes) in expected.items():
@@ -121,7 +119,7 @@ class Checkpoint:
                 problems.append(f"{info.file.name}: tensor {name} is {DTYPE_NAMES[info.dtype]}, "
                                 f"expected {want}")
         for name, info in self.tensors.items():
-            if name not in expected and not name.startswith(ignore_prefixes):
+            if name not in expected:
                 problems.append(f"{info.file.name}: unexpected tensor {name}")
         if problems:
             shown = "\n  ".join(problems[:8])

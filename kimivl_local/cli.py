@@ -90,6 +90,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-context", type=int, help="tokens of context to allocate (default 8192)")
+    p.add_argument("--max-image-tokens", type=int,
+                   help="raw 14x14 patches per image before down-scaling (default: the model's "
+                        "in_token_limit, 4096 for Instruct); lower is faster on slow machines")
 
 
 def _load(args):
@@ -103,7 +106,8 @@ def _load(args):
                           "e.g. `kimivl-local chat --model moonshotai/Kimi-VL-A3B-Instruct`")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    model = load(spec, device=args.device, dtype=dtype, max_context=args.max_context)
+    model = load(spec, device=args.device, dtype=dtype, max_context=args.max_context,
+                 max_image_tokens=args.max_image_tokens)
     print(f"loaded {model.path} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
           f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model

@@ -1,13 +1,13 @@
 """Generation: prefill, one decode step, and a token iterator over a preallocated latent cache.
 
-The cache is reused across calls: a new prompt that starts with the tokens already cached (the
-earlier turns of a chat) only prefills its new suffix.
+The cache is reused across calls: a new prompt that starts with what is already cached (the
+earlier turns of a chat, images included) only prefills its new suffix.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,23 @@ from .cache import LatentCache
 from .errors import ContextLengthError
 from .model.kimivl import KimiVLForConditionalGeneration
 from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class Prompt:
+    """What prefill needs: token ids, a cache key per position (the id, or for an image
+    placeholder the image's digest and index, so an equal id never stands for another image),
+    and a function giving the input embeddings of positions start..T-1."""
+
+    ids: list[int]
+    keys: list[Hashable]
+    embed: Callable[[int], torch.Tensor]
+
+    @classmethod
+    def from_ids(cls, model: KimiVLForConditionalGeneration, ids: list[int]) -> "Prompt":
+        lm = model.language_model
+        device = lm.lm_head.weight.device
+        return cls(list(ids), list(ids), lambda start: lm.embed(torch.tensor(ids[start:], device=device)))
 
 
 @dataclass
@@ -55,31 +72,29 @@ class Engine:
         self.cache = LatentCache(cfg.num_hidden_layers, self.max_context, cfg.latent_dim,
                                  weight.dtype, weight.device)
 
-    @torch.inference_mode()
-    def prefill(self, input_ids: list[int], embeds: torch.Tensor | None = None,
-                reusable: int | None = None) -> tuple[torch.Tensor, int]:
-        """Fill the cache with the prompt; return (last position's fp32 logits [vocab], number
-        of leading prompt tokens served from the cache).
-
-        embeds: the prompt's input embeddings [T, hidden] when some are not token embeddings
-        (images); reusable: how many leading tokens may be served from the cache (default all
-        that match; image embeddings pass the index of their first placeholder).
-        """
-        lm = self.model.language_model
-        if len(input_ids) >= self.max_context:
+    def check_fits(self, n_tokens: int) -> None:
+        if n_tokens >= self.max_context:
             raise ContextLengthError(
-                f"the prompt is {len(input_ids)} tokens but the context holds {self.max_context} "
+                f"the prompt is {n_tokens} tokens but the context holds {self.max_context} "
                 f"(including at least one token to generate); shorten it or raise --max-context "
                 f"(up to {self.model.config.text.max_position_embeddings})")
-        start = self.cache.common_prefix(input_ids, limit=reusable)
-        start = min(start, len(input_ids) - 1)  # always run the last token to get its logits
-        if embeds is None:
-            ids = torch.tensor(input_ids[start:], device=self.cache.device)
-            new = lm.embed(ids)
-        else:
-            new = embeds[start:]
-        hidden = lm.hidden_states(new, self.cache.kv, start)
-        self.cache.set_tokens(input_ids)
+
+    def reusable(self, prompt: Prompt) -> int:
+        """How many leading prompt positions prefill will serve from the cache."""
+        # Always recompute the last position: its logits pick the first new token.
+        return min(self.cache.common_prefix(prompt.keys), len(prompt.ids) - 1)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt | list[int]) -> tuple[torch.Tensor, int]:
+        """Fill the cache with the prompt; return (last position's fp32 logits [vocab], number
+        of leading prompt positions served from the cache)."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt.from_ids(self.model, prompt)
+        self.check_fits(len(prompt.ids))
+        lm = self.model.language_model
+        start = self.reusable(prompt)
+        hidden = lm.hidden_states(prompt.embed(start), self.cache.kv, start)
+        self.cache.set_tokens(prompt.keys)
         return lm.logits(hidden[-1:])[0], start
 
     @torch.inference_mode()
@@ -92,14 +107,15 @@ class Engine:
         self.cache.append(token)
         return lm.logits(hidden)[0]
 
-    def generate(self, input_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
-                 stop_ids: set[int], embeds: torch.Tensor | None = None,
-                 reusable: int | None = None) -> Iterator[int]:
+    def generate(self, prompt: Prompt | list[int], *, max_new_tokens: int,
+                 sampling: SamplingParams, stop_ids: set[int]) -> Iterator[int]:
         """Yield generated token ids (stop tokens are not yielded); stats land in self.stats."""
-        self.stats = stats = GenerationStats(prompt_tokens=len(input_ids))
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt.from_ids(self.model, prompt)
+        self.stats = stats = GenerationStats(prompt_tokens=len(prompt.ids))
         sampler = Sampler(sampling, self.cache.device)
         t0 = time.perf_counter()
-        logits, stats.reused_tokens = self.prefill(input_ids, embeds, reusable)
+        logits, stats.reused_tokens = self.prefill(prompt)
         stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         stats.finish_reason = "length"

@@ -71,8 +71,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(config)
     ckpt = Checkpoint.open(path)
-    # The vision tower and projector are validated and loaded once the model has them.
-    ckpt.validate(model.expected_checkpoint(), ignore_prefixes=_unbuilt_prefixes(model))
+    ckpt.validate(model.expected_checkpoint())
     try:
         for name, param in list(model.named_parameters()):
             keep_fp32 = name.endswith("e_score_correction_bias")
@@ -89,10 +88,6 @@ def load_model(path: Path, dtype: torch.dtype | None = None,
         ckpt.close()
     model.eval()
     return model
-
-
-def _unbuilt_prefixes(model: nn.Module) -> tuple[str, ...]:
-    return tuple(f"{p}." for p in ("vision_tower", "multi_modal_projector") if not hasattr(model, p))
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

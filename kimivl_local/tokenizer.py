@@ -337,8 +337,7 @@ def _chat_parts(messages: Messages, add_generation_prompt: bool) -> list[tuple[s
 def _item_parts(item: Any, where: str) -> list[tuple[str, Any]]:
     if not isinstance(item, Mapping):
         raise InputError(f"{where}: an item must be a dict, not {type(item).__name__}")
-    # Same test as the official template: an image by type, or by an image/image_url key.
-    if item.get("type") == "image" or "image" in item or "image_url" in item:
+    if is_image_item(item):
         return [
             ("control", "<|media_start|>"),
             ("text", "image"),
@@ -353,6 +352,11 @@ def _item_parts(item: Any, where: str) -> list[tuple[str, Any]]:
     if not isinstance(item.get("text"), str):
         raise InputError(f"{where}: a text item needs a string 'text'")
     return [("text", item["text"])]
+
+
+def is_image_item(item: Mapping) -> bool:
+    """Same test as the official template: an image by type, or by an image/image_url key."""
+    return item.get("type") == "image" or "image" in item or "image_url" in item
 
 
 class StreamDecoder:

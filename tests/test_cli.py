@@ -18,7 +18,11 @@ def _run(*args, input_text=None):
                           timeout=300)
 
 
-def test_chat_streams_in_a_terminal(tiny_checkpoint):
+def test_chat_streams_in_a_terminal(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (150, 100), (10, 120, 200)).save(image)  # 24 image tokens
     cmd = EXE or sys.executable
     args = ["chat", str(tiny_checkpoint), "--max-new-tokens", "12"]
     child = pexpect.spawn(cmd, args if EXE else ["-m", "kimivl_local.cli", *args],
@@ -35,9 +39,11 @@ def test_chat_streams_in_a_terminal(tiny_checkpoint):
         child.expect("/image PATH")
         child.sendline("/image /no/such/file.png")
         child.expect("image not found")
-        child.sendline("And again?")  # second turn: the history makes the prompt longer
+        child.sendline(f"/image {image}")
+        child.expect("attached")
+        child.sendline("And this picture?")  # second turn: history + image lengthen the prompt
         child.expect(r"prompt (\d+) tokens")
-        assert int(child.match.group(1)) > first_prompt_tokens
+        assert int(child.match.group(1)) > first_prompt_tokens + 20
         child.sendline("/reset")
         child.expect("conversation cleared")
         child.sendline("/exit")
@@ -93,3 +99,18 @@ def test_synthetic_command(tmp_path, capsys):
 def test_bad_sampling_options(tiny_checkpoint, bad):
     result = _run("generate", str(tiny_checkpoint), "-p", "x", *bad)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_with_images(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "photo.png"
+    Image.new("RGB", (90, 50), (200, 30, 30)).save(good)
+    result = _run("generate", str(tiny_checkpoint), "--image", str(good), "-p", "What color?",
+                  "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    result = _run("generate", str(tiny_checkpoint), "--image", str(bad), "-p", "x")
+    assert result.returncode == 2 and "notes.png" in result.stderr
+    assert "Traceback" not in result.stderr

