@@ -19,18 +19,19 @@ from .errors import ConfigError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    """Parse one JSON file with an error that names it."""
+def read_json(path: Path, *, required: bool = True, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Parse one JSON object file, raising `error` with a message that names the file.
+    A missing file is an error when `required`, else {}."""
     if not path.is_file():
         if required:
-            raise ConfigError(f"{path.name} is missing from {path.parent}")
+            raise error(f"{path.name} is missing from {path.parent}")
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise error(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+        raise error(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 

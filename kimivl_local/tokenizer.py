@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import json
 import numbers
 import re
 from collections import Counter
@@ -19,6 +18,7 @@ from typing import Any
 
 import tiktoken
 
+from .config import read_json
 from .errors import InputError, TokenizerError
 
 # Moonshot's pre-tokenizer as authored (Rust-regex syntax). tiktoken's regex engine supports the
@@ -125,19 +125,6 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    """tokenizer_config.json, or {} when absent (the names then default to the reference's)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
-
-
 def _token_name(value: Any) -> str | None:
     """bos_token etc. are a string or a serialized AddedToken {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
@@ -195,7 +182,7 @@ class Tokenizer:
         path = Path(path)
         ranks = _read_ranks(path / "tiktoken.model")
         cfg_path = path / "tokenizer_config.json"
-        cfg = _read_config(cfg_path)
+        cfg = read_json(cfg_path, required=False, error=TokenizerError)
         decoder = cfg.get("added_tokens_decoder", {})
         try:
             names = {int(i): tok["content"] for i, tok in decoder.items()}
