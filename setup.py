@@ -84,7 +84,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kimivl_local", "kimivl_local.model", "kimivl_local.quantize", "kimivl_local.app"],
+    packages=["kimivl_local", "kimivl_local.model", "kimivl_local.ops", "kimivl_local.quant",
+              "kimivl_local.quantize", "kimivl_local.app"],
     package_dir={
         "kimivl_local": "kimivl_local",
         "kimivl_local.quantize": "quantize",
@@ -99,10 +100,13 @@ setup(
         "tiktoken>=0.7",
         "regex",
         "pillow>=10",
+        "pypdfium2>=4.30",  # PDF pages (kimivl_local/documents.py)
+        "av>=14",  # video frames (kimivl_local/video.py)
     ],
     extras_require={
-        # transformers is the independent oracle for the language model; pexpect drives the CLI.
-        "test": ["pytest>=8", "transformers>=4.57", "pexpect"],
+        # transformers is the independent oracle for the language model; pexpect drives the CLI;
+        # pypdf writes encrypted PDFs; av 18 writes rotated videos.
+        "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf>=4", "av>=18"],
     },
     entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
     zip_safe=False,

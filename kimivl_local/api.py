@@ -12,6 +12,7 @@ from .config import GenerationConfig, KimiVLConfig, PreprocessorConfig
 from .errors import InputError, TokenizerError
 from .generate import Engine, GenerationStats
 from .loader import load_model, resolve_model_path
+from .media import expand_media
 from .multimodal import ImageEncoder, build_prompt, image_of
 from .processor import ImageProcessor
 from .sampling import SamplingParams
@@ -36,6 +37,7 @@ class KimiVL:
         self.engine = Engine(model, max_context)
         # encode_chat expands each image item to its placeholder count.
         tokenizer.image_token_counter = lambda item: processor.num_tokens(image_of(item))
+        tokenizer.media_expander = lambda messages: expand_media(messages, processor)
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +81,11 @@ class KimiVL:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[str]:
         """Stream the assistant's reply to `messages` as text pieces.
 
+        Content items: text, image, {"type": "pdf", "pdf": path, "pages": "1-3", "text_layer":
+        bool} and {"type": "video", "video": path, "fps": 1.0, "max_frames": 16} (see
+        `kimivl_local.media`); a document that does not fit the context raises
+        ContextLengthError saying how many pages or frames would.
+
         Thinking models' `◁think▷...◁/think▷` text is part of the stream (see
         `kimivl_local.thinking` to separate it); it is removed from earlier assistant turns
         before templating, as the official demo does.
@@ -86,7 +93,9 @@ class KimiVL:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         sampling = SamplingParams(temperature, top_p, top_k, seed)
-        prompt = build_prompt(self.model, self.tokenizer, self.images, _drop_old_thinking(messages))
+        messages = expand_media(_drop_old_thinking(messages), self.processor, self.tokenizer,
+                                self.engine.max_context)
+        prompt = build_prompt(self.model, self.tokenizer, self.images, messages)
         decoder = StreamDecoder(self.tokenizer, skip_special=True)
         for token in self.engine.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                                           stop_ids=self.stop_ids):

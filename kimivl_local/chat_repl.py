@@ -1,26 +1,38 @@
-"""The terminal chat loop behind `kimivl-local chat`: history, /image, /reset, streaming."""
+"""The terminal chat loop behind `kimivl-local chat`: history, /image, /pdf, /video, /reset,
+streaming."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from .errors import KimiVLError
+from .media import expand_item, pdf_item, video_item
 from .thinking import ThinkingSplitter
 
 HELP = """commands:
-  /image PATH   attach an image to your next message (repeatable)
-  /reset        forget the conversation and attached images
-  /help         this help
-  /exit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+  /image PATH          attach an image to your next message (repeatable)
+  /pdf PATH [PAGES]    attach a PDF's pages (all, or e.g. 1-3,5) to your next message
+  /video PATH          attach a video's sampled frames to your next message
+  /reset               forget the conversation and attachments
+  /help                this help
+  /exit                leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+_PAGES = re.compile(r"[\d,-]+")
 
 
 class ChatRepl:
-    def __init__(self, model, system: str | None, sampling: dict, images: list[Path]):
+    def __init__(self, model, system: str | None, sampling: dict, attachments: list[dict],
+                 media_options: dict):
+        """attachments: message items for the first message; media_options: text_layer, fps
+        and max_frames for /pdf and /video."""
         self.model = model
         self.system = system
         self.sampling = sampling
-        self.pending_images = list(images)
+        self.media_options = media_options
+        # PDFs and videos are rendered once, when attached, and stay images in the history.
+        self.pending = [x for item in attachments for x in self._expand(item)]
         self.history: list[dict] = []
         self.color = sys.stdout.isatty()
 
@@ -57,23 +69,49 @@ class ChatRepl:
             print(HELP)
         elif name == "/reset":
             self.history.clear()
-            self.pending_images.clear()
+            self.pending.clear()
             print("(conversation cleared)")
-        elif name == "/image":
-            path = Path(arg).expanduser()
-            if not arg:
-                print("usage: /image PATH")
-            elif not path.is_file():
-                print(f"error: image not found: {path}")
-            else:
-                self.pending_images.append(path)
-                print(f"(attached {path.name}; it goes with your next message)")
+        elif name in ("/image", "/pdf", "/video"):
+            self.attach(name[1:], arg)
         else:
             print(f"unknown command {name}; /help lists them")
         return None
 
+    def attach(self, kind: str, arg: str) -> None:
+        pages = None
+        if kind == "pdf":  # a trailing page range, unless it is part of the file's name
+            head, _, tail = arg.rpartition(" ")
+            if head and _PAGES.fullmatch(tail) and not Path(arg).expanduser().is_file():
+                arg, pages = head.strip(), tail
+        path = Path(arg).expanduser()
+        if not arg:
+            print(f"usage: /{kind} PATH" + (" [PAGES]" if kind == "pdf" else ""))
+            return
+        if not path.is_file():
+            print(f"error: {kind} not found: {path}")
+            return
+        if kind == "image":
+            self.pending.append({"type": "image", "image": str(path)})
+            print(f"(attached {path.name}; it goes with your next message)")
+            return
+        opts = self.media_options
+        item = (pdf_item(path, pages, opts["text_layer"]) if kind == "pdf"
+                else video_item(path, opts["fps"], opts["max_frames"]))
+        try:
+            items = self._expand(item)
+        except KimiVLError as exc:
+            print(f"error: {exc}")
+            return
+        self.pending += items
+        count = sum(1 for x in items if x.get("type") == "image")
+        unit = ("page" if kind == "pdf" else "frame") + ("s" if count != 1 else "")
+        print(f"(attached {path.name}: {count} {unit}; it goes with your next message)")
+
+    def _expand(self, item: dict) -> list[dict]:
+        return expand_item(item, self.model.processor, self.model.engine.max_context)
+
     def answer(self, text: str) -> None:
-        content = [{"type": "image", "image": str(p)} for p in self.pending_images]
+        content = list(self.pending)
         user = {"role": "user", "content": content + [{"type": "text", "text": text}]
                 if content else text}
         messages = ([{"role": "system", "content": self.system}] if self.system else [])
@@ -94,7 +132,7 @@ class ChatRepl:
         if self.color:
             sys.stdout.write("\033[0m")
         print()
-        self.pending_images.clear()
+        self.pending.clear()
         self.history += [user, {"role": "assistant", "content": "".join(reply)}]
         s = self.model.last_stats
         print(f"[{s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s; "

@@ -1,4 +1,4 @@
-"""`kimivl-local`: info | synthetic | generate | chat.
+"""`kimivl-local`: info | synthetic | generate | chat | serve.
 
 Every subcommand parses its input and calls the library in-process. User mistakes end with one
 line on stderr (exit 2), never a traceback.
@@ -71,11 +71,40 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", "-p", help="the user message (default: read stdin)")
         p.add_argument("--image", action="append", default=[], type=Path,
                        help="attach an image (repeatable)")
+        _media_args(p)
         p.add_argument("--system", help="system prompt (default: the model's)")
         _sampling_args(p)
         _runtime_args(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="the chat app in your browser, plus an OpenAI-compatible API")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint folder or HF repo id")
+    p.add_argument("--model", help="checkpoint folder or HF repo id (same as MODEL)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=int, default=100,
+                   help="largest upload or API request body, in MiB (default 100)")
+    _runtime_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def _media_args(p: argparse.ArgumentParser) -> None:
+    from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES
+
+    p.add_argument("--pdf", action="append", default=[], type=Path,
+                   help="attach a PDF, one image per page (repeatable)")
+    p.add_argument("--pages", help="pages of each --pdf, 1-based, e.g. 1-3,5 (default: all)")
+    p.add_argument("--pdf-text", action="store_true",
+                   help="also give each PDF page's text layer as text")
+    p.add_argument("--video", action="append", default=[], type=Path,
+                   help="attach a video as timestamped frames (repeatable)")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS,
+                   help=f"video frames per second to sample (default {DEFAULT_FPS:g})")
+    p.add_argument("--max-frames", type=int, default=DEFAULT_MAX_FRAMES,
+                   help=f"at most this many frames per video, spread over the whole clip "
+                        f"when it is longer (default {DEFAULT_MAX_FRAMES})")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -118,25 +147,37 @@ def _sampling(args) -> dict:
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def _user_message(text: str, images: list[Path]) -> dict:
-    if not images:
+def _media_options(args) -> dict:
+    """How this session's PDFs and videos are read (chat's /pdf and /video too)."""
+    return {"text_layer": args.pdf_text, "fps": args.fps, "max_frames": args.max_frames}
+
+
+def _attachments(args) -> list[dict]:
+    """Message items for --image, --pdf and --video, after checking that the files exist."""
+    from .media import pdf_item, video_item
+
+    for kind in ("image", "pdf", "video"):
+        for path in getattr(args, kind):
+            if not path.is_file():
+                raise KimiVLError(f"{kind} not found: {path}")
+    options = _media_options(args)
+    return ([{"type": "image", "image": str(p)} for p in args.image]
+            + [pdf_item(p, args.pages, options["text_layer"]) for p in args.pdf]
+            + [video_item(p, options["fps"], options["max_frames"]) for p in args.video])
+
+
+def _user_message(text: str, items: list[dict]) -> dict:
+    if not items:
         return {"role": "user", "content": text}
-    items = [{"type": "image", "image": str(p)} for p in images]
     return {"role": "user", "content": items + [{"type": "text", "text": text}]}
 
 
-def _check_images(images: list[Path]) -> None:
-    for image in images:
-        if not image.is_file():
-            raise KimiVLError(f"image not found: {image}")
-
-
 def cmd_generate(args) -> int:
-    _check_images(args.image)
+    attachments = _attachments(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     model = _load(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
-    messages.append(_user_message(prompt, args.image))
+    messages.append(_user_message(prompt, attachments))
     for piece in model.generate(messages, **_sampling(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -154,8 +195,28 @@ def _stats_line(stats) -> str:
 def cmd_chat(args) -> int:
     from .chat_repl import ChatRepl
 
-    _check_images(args.image)
-    return ChatRepl(_load(args), args.system, _sampling(args), list(args.image)).run()
+    attachments = _attachments(args)
+    return ChatRepl(_load(args), args.system, _sampling(args), attachments,
+                    _media_options(args)).run()
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .app.server import check_port, serve
+    except ModuleNotFoundError as exc:
+        if exc.name.startswith("kimivl_local"):
+            raise KimiVLError("the app is not installed (kimivl_local.app); install the package "
+                              "with `pip install .`") from None
+        raise KimiVLError(f"the app needs {exc.name}: pip install gradio fastapi uvicorn") from None
+    check_port(args.host, args.port)  # before the minutes a real checkpoint takes to load
+    model = _load(args)
+    url = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
+    print(f"chat: {url}/  OpenAI API: {url}/v1  (Ctrl-C to stop)", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this port can use the "
+              "model and upload files", file=sys.stderr)
+    serve(model, args.host, args.port, args.max_upload_mb)
+    return 0
 
 
 def cmd_synthetic(args) -> int:

@@ -136,6 +136,8 @@ class Tokenizer:
     # Maps an image item to its number of placeholder tokens; set by the processor. When None,
     # encode_chat keeps the template's single <|media_pad|> per image.
     image_token_counter: Callable[[dict], int] | None = None
+    # Turns pdf/video items into text and image items before templating; set by the model.
+    media_expander: Callable[[Messages], Messages] | None = None
 
     def __init__(
         self,
@@ -254,7 +256,7 @@ class Tokenizer:
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The prompt string of Kimi-VL's chat template, with one <|media_pad|> per image."""
-        parts = _chat_parts(messages, add_generation_prompt)
+        parts = _chat_parts(self._expand(messages), add_generation_prompt)
         return "".join("<|media_pad|>" if kind == "image" else value for kind, value in parts)
 
     def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
@@ -264,7 +266,7 @@ class Tokenizer:
         whole-string split, which counts the control token's characters into the run.)"""
         ids: list[int] = []
         text: list[str] = []
-        for kind, value in _chat_parts(messages, add_generation_prompt):
+        for kind, value in _chat_parts(self._expand(messages), add_generation_prompt):
             if kind == "text":
                 text.append(value)
                 continue
@@ -275,6 +277,9 @@ class Tokenizer:
             else:
                 ids += [self.media_pad_id] * self._image_tokens(value)
         return ids + self.encode("".join(text))
+
+    def _expand(self, messages: Messages) -> Messages:
+        return self.media_expander(messages) if self.media_expander else messages
 
     def _image_tokens(self, item: dict) -> int:
         if self.image_token_counter is None:

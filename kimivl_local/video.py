@@ -1,0 +1,153 @@
+"""Video -> chat items (PyAV): sampled frames, each an image after a "[mm:ss.s]" timestamp.
+
+Kimi-VL has no video path of its own (reference §8): a clip is fed as frames, each a separate
+image. Frames are taken at `fps` from the start; when that gives more than `max_frames`, the
+frames are spread uniformly over the whole clip instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from PIL import Image
+
+from .errors import InputError
+
+DEFAULT_FPS = 1.0
+DEFAULT_MAX_FRAMES = 16
+# Raw 14x14 patches per frame (~256 image tokens): the default 16 frames then fit the default
+# 8192-token context, where full-budget frames (~1024 tokens each) would not.
+FRAME_PATCHES = 1024
+# Past this gap to the next sample, seek (to the keyframe before it) instead of decoding through.
+SEEK_GAP_S = 10.0
+
+
+def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
+    """Seconds from the start at which to take frames."""
+    n = max(1, math.ceil(duration * fps - 1e-9))  # a 5.0 s clip at 1 fps: 0..4 s, not 0..5 s
+    if n <= max_frames:
+        return [i / fps for i in range(n)]
+    return [i * duration / max_frames for i in range(max_frames)]
+
+
+def timestamp(seconds: float) -> str:
+    """[mm:ss.s], or [h:mm:ss.s] from one hour on."""
+    tenths = round(seconds * 10)
+    minutes, tenths = divmod(tenths, 600)
+    hours, minutes = divmod(minutes, 60)
+    clock = f"{minutes:02d}:{tenths // 10:02d}.{tenths % 10}"
+    return f"[{hours}:{clock}]" if hours else f"[{clock}]"
+
+
+def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
+                max_frames: int = DEFAULT_MAX_FRAMES,
+                frame_patches: int = FRAME_PATCHES) -> list[tuple[float, list[dict]]]:
+    """(seconds, [timestamp text item, image item]) per sampled frame, in time order.
+
+    Each frame is the one on screen at its sample time, shown upright (the stream's display
+    rotation applied) and down-scaled to at most `frame_patches` raw 14x14 patches.
+    """
+    where = os.fspath(path)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
+        raise InputError(f"{where}: fps must be a positive number, got {fps!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise InputError(f"{where}: max_frames must be a positive integer, got {max_frames!r}")
+    try:
+        import av
+    except ImportError:
+        raise InputError("video input needs PyAV: pip install av") from None
+    if not os.path.isfile(where):
+        raise InputError(f"{where}: no such file")
+    try:
+        # Opened twice: finding the duration may read every packet, and raw streams cannot seek
+        # back to the start.
+        with av.open(where, metadata_errors="replace") as container:
+            duration = _duration(container, _video_stream(container, where))
+        with av.open(where, metadata_errors="replace") as container:
+            stream = _video_stream(container, where)
+            stream.thread_type = "AUTO"
+            frames = _frames_at(container, stream, sample_times(duration, fps, max_frames))
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
+    if not frames:
+        raise InputError(f"{where}: the video has no frames")
+    return [(t, [{"type": "text", "text": timestamp(t)},
+                 {"type": "image", "image": _shrink(image, frame_patches)}])
+            for t, image in frames]
+
+
+def _video_stream(container, where: str):
+    if not container.streams.video:
+        raise InputError(f"{where}: has no video stream")
+    return container.streams.video[0]
+
+
+def _start(stream) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _rate(stream) -> float:
+    return float(stream.guessed_rate or stream.average_rate or 25)
+
+
+def _duration(container, stream) -> float:
+    """Seconds, from the headers or else from packet timestamps (browser WebM, raw streams)."""
+    if stream.duration is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE
+    count, end = 0, None
+    for packet in container.demux(stream):
+        if packet.size:
+            count += 1
+            if packet.pts is not None:
+                stop = float((packet.pts + packet.duration) * stream.time_base)
+                end = stop if end is None else max(end, stop)
+    return end - _start(stream) if end is not None else count / _rate(stream)
+
+
+def _frames_at(container, stream, times: list[float]) -> list[tuple[float, Image.Image]]:
+    """(seconds, RGB image) of the frame on screen at each time; a frame is taken once."""
+    start, rate = _start(stream), _rate(stream)
+    taken: list[tuple[float, Image.Image]] = []
+
+    def take(frame, t: float) -> None:
+        if taken and taken[-1][0] == t:  # sparser frames than samples: on screen twice
+            return
+        image = frame.to_image()
+        if frame.rotation:  # counter-clockwise degrees, from the display matrix
+            image = image.rotate(frame.rotation, expand=True)
+        taken.append((t, image))
+
+    frames = iter(container.decode(stream))
+    index, previous, k, sought = 0, None, 0, -1
+    while k < len(times):
+        frame = next(frames, None)
+        if frame is None:  # past the end: the last frame stays on screen
+            if previous is not None:
+                take(*previous)
+            break
+        # Raw streams carry no timestamps: count frames at the nominal rate.
+        t = frame.time - start if frame.time is not None else index / rate
+        index += 1
+        while k < len(times) and t > times[k] + 1e-6:
+            take(*(previous or (frame, t)))
+            k += 1
+        previous = (frame, t)
+        # Seek once per sample: the keyframe before it may lie behind us (long GOPs).
+        if k < len(times) and k != sought and frame.time is not None \
+                and times[k] - t > SEEK_GAP_S:
+            container.seek(round((times[k] + start) / stream.time_base), stream=stream,
+                           backward=True)
+            frames, previous, sought = iter(container.decode(stream)), None, k
+    return taken
+
+
+def _shrink(image: Image.Image, patches: int, patch_size: int = 14) -> Image.Image:
+    if (image.width // patch_size) * (image.height // patch_size) <= patches:
+        return image
+    # From the exact area, not the whole-patch count, so the result is within budget for sure.
+    scale = math.sqrt(patches * patch_size**2 / (image.width * image.height))
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
