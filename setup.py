@@ -33,14 +33,25 @@ def _have_compiler() -> bool:
 class CMakeBuild(build_ext):
     """Configures and builds csrc/ with CMake + Ninja; falls back to pure Python when it cannot."""
 
-    def build_extension(self, ext: CMakeExtension) -> None:
+    def run(self) -> None:
+        reason = self._skip_reason()
+        if reason:
+            # Dropping the extension (rather than building nothing) keeps setuptools from
+            # looking for a _C file to copy, e.g. in editable installs.
+            print(f"kimivl-local: {reason}; installing without the compiled extension "
+                  "(ops run on the slower torch references)")
+            self.extensions = []
+        super().run()
+
+    @staticmethod
+    def _skip_reason() -> str | None:
         if os.environ.get("KIMIVL_SKIP_EXT", "0") == "1":
-            print("kimivl-local: KIMIVL_SKIP_EXT=1, installing without the compiled extension")
-            return
+            return "KIMIVL_SKIP_EXT=1"
         if not _have_compiler():
-            print("kimivl-local: WARNING no C++ compiler found; installing without the compiled "
-                  "extension (ops run on the slower torch references)")
-            return
+            return "WARNING no C++ compiler found"
+        return None
+
+    def build_extension(self, ext: CMakeExtension) -> None:
         cuda = os.environ.get("KIMIVL_CUDA", "auto").lower()
         if cuda not in ("auto", "on", "off"):
             raise SystemExit(f"KIMIVL_CUDA must be auto, on or off (got {cuda!r})")
@@ -102,11 +113,19 @@ setup(
         "pillow>=10",
         "pypdfium2>=4.30",  # PDF pages (kimivl_local/documents.py)
         "av>=14",  # video frames (kimivl_local/video.py)
+        # The app and the OpenAI-compatible server (`kimivl-local serve`), installed by default:
+        # the chat window is how most people use the runtime. Gradio 6's API moves between minor
+        # releases; 6.31 is the one tested.
+        "gradio>=6.31,<7",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # transformers is the independent oracle for the language model; pexpect drives the CLI;
-        # pypdf writes encrypted PDFs; av 18 writes rotated videos.
-        "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf>=4", "av>=18"],
+        # pypdf writes encrypted PDFs; av 18 writes rotated videos; the openai client and
+        # playwright (driving Debian's chromium, never a downloaded browser) test the app.
+        "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf>=4", "av>=18",
+                 "openai>=1.40", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
     zip_safe=False,
