@@ -31,7 +31,7 @@ class Prompt:
     @classmethod
     def from_ids(cls, model: KimiVLForConditionalGeneration, ids: list[int]) -> "Prompt":
         lm = model.language_model
-        device = lm.lm_head.weight.device
+        device = lm.model.embed_tokens.weight.device
         return cls(list(ids), list(ids), lambda start: lm.embed(torch.tensor(ids[start:], device=device)))
 
 
@@ -60,6 +60,7 @@ class GenerationStats:
 class Engine:
     model: KimiVLForConditionalGeneration
     max_context: int
+    prefill_chunk: int = 2048  # tokens per prefill forward
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self):
@@ -68,7 +69,7 @@ class Engine:
         if not 0 < self.max_context <= limit:
             raise ContextLengthError(f"max context must be in 1..{limit} (got {self.max_context})")
         lm = self.model.language_model
-        weight = lm.lm_head.weight
+        weight = lm.model.embed_tokens.weight  # never quantized: the compute dtype and device
         self.cache = LatentCache(cfg.num_hidden_layers, self.max_context, cfg.latent_dim,
                                  weight.dtype, weight.device)
 
@@ -93,7 +94,12 @@ class Engine:
         self.check_fits(len(prompt.ids))
         lm = self.model.language_model
         start = self.reusable(prompt)
-        hidden = lm.hidden_states(prompt.embed(start), self.cache.kv, start)
+        embeds = prompt.embed(start)
+        # Chunks bound the activations (expanded K/V, MLP intermediates) of a long document;
+        # later chunks attend to the earlier ones through the cache.
+        for begin in range(0, embeds.shape[0], self.prefill_chunk):
+            chunk = embeds[begin:begin + self.prefill_chunk]
+            hidden = lm.hidden_states(chunk, self.cache.kv, start + begin)
         self.cache.set_tokens(prompt.keys)
         return lm.logits(hidden[-1:])[0], start
 
