@@ -1,4 +1,4 @@
-"""`kimivl-local`: info | synthetic | generate | chat | serve.
+"""`kimivl-local`: info | synthetic | generate | chat | serve | bench.
 
 Every subcommand parses its input and calls the library in-process. User mistakes end with one
 line on stderr (exit 2), never a traceback.
@@ -76,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
         _sampling_args(p)
         _runtime_args(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("bench", help="measure load time, time to first token, tokens/s, memory")
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint folder or HF repo id")
+    p.add_argument("--model", help="checkpoint folder or HF repo id (same as MODEL)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--image", default="1024x1024", help="WxH of the image for time to first "
+                   "token with an image, or none (default 1024x1024)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-image-tokens", type=int)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the chat app in your browser, plus an OpenAI-compatible API")
     p.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint folder or HF repo id")
@@ -198,6 +211,14 @@ def cmd_chat(args) -> int:
     attachments = _attachments(args)
     return ChatRepl(_load(args), args.system, _sampling(args), attachments,
                     _media_options(args)).run()
+
+
+def cmd_bench(args) -> int:
+    from .benchmark import main_bench
+
+    if not (args.model or args.model_pos):
+        raise KimiVLError("no model given: kimivl-local bench MODEL")
+    return main_bench(args)
 
 
 def cmd_serve(args) -> int:
