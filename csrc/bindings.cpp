@@ -10,6 +10,9 @@
 
 namespace py = pybind11;
 
+void bind_attention_ops(py::module_& m);  // ops_attention.cpp
+void bind_quant_ops(py::module_& m);      // ops_quant.cpp
+
 namespace {
 
 py::dict cpu_feature_dict() {
@@ -87,4 +90,6 @@ PYBIND11_MODULE(_C, m) {
         "code was compiled and for which architectures.");
   m.def("cuda_devices", &cuda_devices,
         "CUDA devices visible to the extension's CUDA runtime (empty without CUDA or a driver).");
+  bind_attention_ops(m);
+  bind_quant_ops(m);
 }

@@ -41,11 +41,12 @@ class KimiVL:
 
     @property
     def device(self) -> torch.device:
-        return self.model.language_model.lm_head.weight.device
+        return self.model.language_model.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.language_model.lm_head.weight.dtype
+        # The embeddings are never quantized (lm_head may be).
+        return self.model.language_model.model.embed_tokens.weight.dtype
 
     @property
     def stop_ids(self) -> set[int]:

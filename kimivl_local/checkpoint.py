@@ -8,6 +8,7 @@ that names the file and the tensor. Nothing here unpickles or executes anything.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,15 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # file position of the tensor's first byte (byte-range copies)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -74,7 +84,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                                   f"but shape {list(shape)} {entry['dtype']} needs "
                                   f"{numel * dtype.itemsize}")
         data_end = max(data_end, end)
-        infos[name] = TensorInfo(name, file, dtype, shape)
+        infos[name] = TensorInfo(name, file, dtype, shape, 8 + n + start)
     if 8 + n + data_end > size:
         last = max(infos.values(), key=lambda i: header[i.name]["data_offsets"][1]).name
         raise CheckpointError(f"{file.name} is truncated: it has {size} bytes but its header needs "

@@ -1,4 +1,4 @@
-"""`kimivl-local`: info | synthetic | generate | chat | serve | bench.
+"""`kimivl-local`: info | synthetic | generate | chat | serve | bench | quantize.
 
 Every subcommand parses its input and calls the library in-process. User mistakes end with one
 line on stderr (exit 2), never a traceback.
@@ -18,6 +18,9 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["quantize"]:  # its own parser and error handling (quantize/main.py)
+        return _quantize_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -100,7 +103,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest upload or API request body, in MiB (default 100)")
     _runtime_args(p)
     p.set_defaults(func=cmd_serve)
+
+    # Listed for --help only: main() hands `quantize ...` to kimivl_local.quantize.main.
+    sub.add_parser("quantize", add_help=False,
+                   help="compress a bf16 checkpoint (INT4/INT8 recipes, compressed-tensors "
+                        "format); see `kimivl-local quantize --help`")
     return parser
+
+
+def _quantize_main(argv: list[str]) -> int:
+    try:
+        from .quantize.main import main as quantize_main
+    except ModuleNotFoundError as exc:
+        if not exc.name.startswith("kimivl_local"):
+            raise
+        print("error: the quantize tool is not installed (kimivl_local.quantize); install the "
+              "package with `pip install .`", file=sys.stderr)
+        return EXIT_USAGE
+    return quantize_main(argv)
 
 
 def _media_args(p: argparse.ArgumentParser) -> None:

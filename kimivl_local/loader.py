@@ -15,6 +15,8 @@ from .checkpoint import Checkpoint
 from .config import KimiVLConfig
 from .errors import ModelNotFoundError
 from .model.kimivl import KimiVLForConditionalGeneration, checkpoint_names
+from .quant.modules import swap_modules
+from .quant.qconfig import QuantizationConfig
 
 log = logging.getLogger("kimivl_local")
 
@@ -65,29 +67,47 @@ def load_model(path: Path, dtype: torch.dtype | None = None,
     """Validate the checkpoint at `path` against its config.json and load it.
 
     dtype: compute dtype (default: the checkpoint's, bf16); the router's correction bias stays fp32.
+    A checkpoint with a quantization_config gets quantized layers (kimivl_local.quant.modules),
+    swapped in before validation so the packed tensors are checked just as strictly.
     """
     config = KimiVLConfig.from_dir(path)
     dtype = dtype or config.dtype
+    device = torch.device(device)
+    qconfig = QuantizationConfig.from_model_config(config.raw, str(Path(path) / "config.json"))
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(config)
+    quantized = swap_modules(model, config.text, qconfig) if qconfig else {}
     ckpt = Checkpoint.open(path)
     ckpt.validate(model.expected_checkpoint())
     try:
-        for name, param in list(model.named_parameters()):
-            keep_fp32 = name.endswith("e_score_correction_bias")
-            target = torch.float32 if keep_fp32 else dtype
-            names = checkpoint_names(name, param.shape)
-            if len(names) == 1:
-                value = ckpt.load(names[0]).to(device=device, dtype=target)
-            else:  # stacked experts: fill [E, ...] one expert at a time
-                value = torch.empty(param.shape, dtype=target, device=device)
-                for e, n in enumerate(names):
-                    value[e].copy_(ckpt.load(n))
-            _set_parameter(model, name, value)
+        fill_parameters(model, ckpt, dtype, device)
+        for name, module in quantized.items():
+            module.load(ckpt.load, name, device, dtype)
     finally:
         ckpt.close()
+    if quantized:
+        fast = sum(m.on_kernel for m in quantized.values())
+        log.info("%d quantized layers: %d in the CPU kernels' layout, %d dequantized to %s at load",
+                 len(quantized), fast, len(quantized) - fast, str(dtype).removeprefix("torch."))
     model.eval()
     return model
+
+
+def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
+                    device: torch.device | str = "cpu", prefix: str = "") -> None:
+    """Fill every parameter of `module` (named `prefix` + its name in the checkpoint) from
+    `ckpt`, in `dtype` except the router's fp32 correction bias."""
+    for name, param in list(module.named_parameters()):
+        keep_fp32 = name.endswith("e_score_correction_bias")
+        target = torch.float32 if keep_fp32 else dtype
+        names = checkpoint_names(prefix + name, param.shape)
+        if len(names) == 1:
+            value = ckpt.load(names[0]).to(device=device, dtype=target)
+        else:  # stacked experts: fill [E, ...] one expert at a time
+            value = torch.empty(param.shape, dtype=target, device=device)
+            for e, n in enumerate(names):
+                value[e].copy_(ckpt.load(n))
+        _set_parameter(module, name, value)
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -119,7 +119,7 @@ def build_prompt(model: KimiVLForConditionalGeneration, tokenizer: Tokenizer,
             starts.append(pos)
         k = len(starts) - 1
         keys.append(("image", processed[k][0], pos - starts[k]))
-    device = model.language_model.lm_head.weight.device
+    device = model.language_model.model.embed_tokens.weight.device
 
     def embed(start: int) -> torch.Tensor:
         needed = [k for k, p in enumerate(starts) if p + counts[k] > start]

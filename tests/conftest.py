@@ -51,3 +51,35 @@ def fresh_checkpoint(tmp_path):
 
     return make
 
+
+# Every linear input size a multiple of 128, so the quantize recipes' group sizes apply.
+TINY128 = dict(hidden_size=128, kv_lora_rank=128, v_head_dim=32, moe_intermediate_size=128,
+               intermediate_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny128_checkpoint(tmp_path_factory) -> Path:
+    """A tiny synthetic checkpoint whose linears all take 128 or 256 inputs (treat as read-only)."""
+    from kimivl_local.synthetic import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt128") / "tiny128", preset="tiny", seed=1,
+                            text_overrides=TINY128)
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny128_checkpoint, tmp_path_factory):
+    """quantized(recipe, *rules) -> tiny128_checkpoint quantized so (written once per session;
+    treat as read-only)."""
+    from quantize_support import import_quantize
+
+    quantize = import_quantize("main").quantize
+    made = {}
+
+    def get(recipe: str, *rules: str) -> Path:
+        if (recipe, rules) not in made:
+            dst = tmp_path_factory.mktemp("quantized") / recipe
+            quantize(tiny128_checkpoint, dst, recipe=recipe, rules=list(rules))
+            made[recipe, rules] = dst
+        return made[recipe, rules]
+
+    return get

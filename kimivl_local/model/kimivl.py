@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import KimiVLConfig
 from ..errors import InputError
+from ..quant.modules import QuantExperts, QuantLinear
 from .language import LanguageModel
 from .projector import Projector
 from .vision import MoonViT
@@ -49,9 +50,17 @@ class KimiVLForConditionalGeneration(nn.Module):
         return embeds
 
     def expected_checkpoint(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
-        """Every tensor the checkpoint must hold: name -> (shape, allowed dtypes)."""
+        """Every tensor the checkpoint must hold: name -> (shape, allowed dtypes).
+
+        Quantized layers (swapped in by the loader) list their own packed tensors.
+        """
         dtype = self.config.dtype
         expected = {}
+        for name, module in self.named_modules():
+            if isinstance(module, QuantLinear):
+                expected.update(module.expected_checkpoint(name))
+            elif isinstance(module, QuantExperts):
+                expected.update(module.expected_checkpoint(name, dtype))
         for name, param in self.named_parameters():
             m = _STACKED_EXPERT.match(name)
             if m:

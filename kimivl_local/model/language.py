@@ -4,7 +4,6 @@ untied lm_head. Attribute names follow the checkpoint (`language_model.model.lay
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
@@ -63,4 +62,4 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> fp32 logits [T, vocab]."""
-        return F.linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()

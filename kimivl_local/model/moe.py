@@ -52,28 +52,34 @@ class StackedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[:, k] * expert_{ids[:, k]}(x), combined in fp32 and cast back.
+        return experts_forward(x, weights, ids, self.gate_proj, self.up_proj, self.down_proj)
 
-        Token-expert pairs are sorted by expert so each expert runs once on its rows; experts
-        that receive no token cost nothing.
-        """
-        t, k = ids.shape
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        rows = order // k  # token index of each sorted pair
-        out = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
-        begin = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[begin:begin + n]
-            xe = x[rows[begin:begin + n]]
-            h = F.silu(F.linear(xe, self.gate_proj[expert])) * F.linear(xe, self.up_proj[expert])
-            out[sel] = F.linear(h, self.down_proj[expert])
-            begin += n
-        combined = (out.view(t, k, -1).float() * weights[..., None]).sum(1)
-        return combined.to(x.dtype)
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate: torch.Tensor,
+                    up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{ids[:, k]}(x) over dense [E, out, in] weights, combined in
+    fp32 and cast back.
+
+    Token-expert pairs are sorted by expert so each expert runs once on its rows; experts that
+    receive no token cost nothing.
+    """
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()
+    rows = order // k  # token index of each sorted pair
+    out = torch.empty(t * k, x.shape[1], dtype=x.dtype, device=x.device)
+    begin = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        sel = order[begin:begin + n]
+        xe = x[rows[begin:begin + n]]
+        h = F.silu(F.linear(xe, gate[expert])) * F.linear(xe, up[expert])
+        out[sel] = F.linear(h, down[expert])
+        begin += n
+    combined = (out.view(t, k, -1).float() * weights[..., None]).sum(1)
+    return combined.to(x.dtype)
 
 
 class MoE(nn.Module):

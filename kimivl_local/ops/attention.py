@@ -1,8 +1,11 @@
 """Variable-length (packed) attention: several independent sequences in one [T, H, D] tensor.
 
 `varlen_attention` is the single entry point used by the model (MoonViT: one bidirectional
-sequence per image; text prefill: causal). Its body is the torch fallback; a compiled kernel will
-take over behind the same signature. `varlen_attention_reference` is the test oracle.
+sequence per image; text prefill: causal). It runs the compiled CPU kernel (`_C.varlen_attention`:
+online softmax over key blocks, fp32 accumulation) for float32/bfloat16 CPU tensors, and one torch
+SDPA call per sequence otherwise (no extension, other dtypes or devices). It is the custom op
+``kimivl::varlen_attention`` (forward only, no autograd) so torch.compile sees one opaque call.
+`varlen_attention_reference` is the test oracle.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._bridge import DTYPE_CODES, kernel, num_threads
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_args(q, k, v, cu_seqlens, causal, scale) -> list[int]:
@@ -60,7 +66,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      *, causal: bool, scale: float) -> torch.Tensor:
     """Attention inside each packed sequence; no token attends across a sequence boundary.
 
-    q:          [T, H, Dqk] float16/bfloat16/float32/float64, last dim contiguous
+    q:          [T, H, Dqk] float16/bfloat16/float32/float64, last dim contiguous (any token and
+                head strides: views of a fused qkv need no copy); float32/bfloat16 on the CPU run
+                the compiled kernel, with fp32 arithmetic
     k:          [T, H, Dqk] same dtype and device as q
     v:          [T, H, Dv]  same dtype and device as q (Dv may differ from Dqk)
     cu_seqlens: [n + 1] int32/int64 on q's device; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]
@@ -69,9 +77,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale:      multiplier of q·k before the softmax (usually Dqk ** -0.5)
     returns:    [T, H, Dv] in q's dtype
     """
-    bounds = _check_args(q, k, v, cu_seqlens, causal, scale)
+    _check_args(q, k, v, cu_seqlens, causal, scale)
+    return _varlen_attention_op(q, k, v, cu_seqlens, causal, float(scale))
+
+
+@torch.library.custom_op("kimivl::varlen_attention", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    run = kernel("varlen_attention")
+    if (run is not None and q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES
+            and q.shape[-1] > 0 and out.numel() > 0):
+        cu = cu_seqlens.to(torch.int64).contiguous()
+        run(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+            dtype=DTYPE_CODES[q.dtype], cu_seqlens=cu.data_ptr(), num_seqs=cu.numel() - 1,
+            total_tokens=q.shape[0], heads=q.shape[1], head_dim=q.shape[2], v_dim=v.shape[2],
+            q_strides=q.stride()[:2], k_strides=k.stride()[:2], v_strides=v.stride()[:2],
+            out_strides=out.stride()[:2], causal=causal, scale=scale, num_threads=num_threads())
+        return out
     # One SDPA call per sequence: memory is O(max_len^2), never O(T^2) for a block-diagonal mask.
+    bounds = cu_seqlens.tolist()
     for start, end in zip(bounds, bounds[1:]):
         if end == start:
             continue
@@ -79,6 +104,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, causal, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,0 +1,177 @@
+// The tiling and threading of the quantized matmul and the MoE block, shared by every ISA path.
+// Each ISA file defines `Kernel` (the 16-row block micro-kernel) in an anonymous namespace inside
+// kimivl::KIMIVL_QGEMM_NS, then includes this header: the templates are instantiated per ISA with
+// that file's flags and have internal linkage, so the linker can never mix code of two ISAs.
+//
+// Kernel::block<Bits, MR>(q, s, z, w, rows, out) must set out[m][r] (m < MR, r < 16) to
+// sum_k W[16b + r][k] * x_hat_m[k] for the row block b whose bytes start at q, s and z.
+#include <algorithm>
+
+#include "cpu/parallel.h"
+#include "cpu/qgemm.h"
+
+#ifndef KIMIVL_QGEMM_NS
+#error "define KIMIVL_QGEMM_NS (the ISA namespace) before including qgemm_impl.h"
+#endif
+
+namespace kimivl {
+namespace KIMIVL_QGEMM_NS {
+namespace {
+
+constexpr int kMaxRows = 4;  // activation rows per micro-kernel call (weights unpacked once)
+
+// Row block b of expert e of w, for `mr` activation rows.
+template <int Bits>
+void run_block(const QWeight& w, int64_t e, int64_t b, const ActRow* rows, int mr,
+               float (*out)[16]) {
+  const uint8_t* q = w.q + e * w.expert_q_stride() + b * w.kc() * w.chunk_bytes();
+  const int64_t s_off = e * w.expert_s_stride() + b * w.groups() * 16;
+  const uint16_t* s = w.scales + s_off;
+  const int8_t* z = w.zeros ? w.zeros + s_off : nullptr;
+  switch (mr) {
+    case 1: Kernel::block<Bits, 1>(q, s, z, w, rows, out); break;
+    case 2: Kernel::block<Bits, 2>(q, s, z, w, rows, out); break;
+    case 3: Kernel::block<Bits, 3>(q, s, z, w, rows, out); break;
+    default: Kernel::block<Bits, 4>(q, s, z, w, rows, out); break;
+  }
+}
+
+int64_t element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+// The kernels prefetch 4 KB ahead inside a contiguous run of blocks; where the next run starts
+// elsewhere (up after gate, the next expert), its first 4 KB are requested here, one step early.
+void prefetch_run(const QWeight& w, int64_t e, int64_t b) {
+  const char* p = reinterpret_cast<const char*>(w.q + e * w.expert_q_stride() + b * w.kc() * w.chunk_bytes());
+  for (int line = 0; line < 64; ++line) __builtin_prefetch(p + 64 * line);
+}
+
+// Row blocks per work item: enough items for dynamic balancing, up to 4 blocks so one
+// activation tile is reused from L1 across them.
+int64_t blocks_per_item(int64_t nb, int threads, int64_t items_per_thread) {
+  return std::max<int64_t>(1, std::min<int64_t>(4, nb / (items_per_thread * threads)));
+}
+
+template <int Bits>
+void qgemm_bits(const QGemmArgs& a) {
+  const QWeight& w = a.w;
+  const int64_t nb = w.nb(), tile_m = 64;
+  const int64_t mt = (a.m + tile_m - 1) / tile_m;
+  const int64_t bpi = blocks_per_item(nb, a.num_threads, 8);
+  const int64_t nt = (nb + bpi - 1) / bpi;
+  char* y = static_cast<char*>(a.y);
+  const int64_t esize = element_size(a.y_dtype);
+  parallel_for(mt * nt, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows][16];
+    ActRow rows[kMaxRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m0 = (item / nt) * tile_m, m1 = std::min(a.m, m0 + tile_m);
+      const int64_t b0 = (item % nt) * bpi, b1 = std::min(nb, b0 + bpi);
+      for (int64_t r = m0; r < m1; r += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - r));
+        for (int i = 0; i < mr; ++i) rows[i] = a.act.row(r + i);
+        for (int64_t b = b0; b < b1; ++b) {
+          run_block<Bits>(w, 0, b, rows, mr, out);
+          const int64_t cols = std::min<int64_t>(16, w.n - 16 * b);
+          for (int i = 0; i < mr; ++i)
+            store_row(out[i], cols, y + ((r + i) * w.n + 16 * b) * esize, a.y_dtype);
+        }
+      }
+    }
+  });
+}
+
+// Stage A: items are (active expert, 32 intermediate channels); each computes the gate and up
+// blocks of those channels for all of the expert's tokens and writes h = silu(gate) * up as one
+// quantized 32-block per pair, ready for the down projection.
+template <int Bits>
+void moe_gate_up(const MoeArgs& a) {
+  const QWeight& w = a.w13;
+  const int64_t inter = w.n / 2, cbs = inter / 32, up = inter / 16;
+  parallel_for(a.n_active * cbs, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    float out[4][kMaxRows][16];
+    ActRow rows[kMaxRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = a.active[item / cbs], cb = item % cbs;
+      const int64_t p1 = a.expert_offsets[e + 1];
+      prefetch_run(w, e, 2 * cb);
+      prefetch_run(w, e, up + 2 * cb);
+      for (int64_t p = a.expert_offsets[e]; p < p1; p += kMaxRows) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, p1 - p));
+        for (int i = 0; i < mr; ++i) rows[i] = a.x.row(a.pair_token[p + i]);
+        run_block<Bits>(w, e, 2 * cb, rows, mr, out[0]);
+        run_block<Bits>(w, e, 2 * cb + 1, rows, mr, out[1]);
+        run_block<Bits>(w, e, up + 2 * cb, rows, mr, out[2]);
+        run_block<Bits>(w, e, up + 2 * cb + 1, rows, mr, out[3]);
+        for (int i = 0; i < mr; ++i) {
+          float gate[32], upv[32];
+          std::copy(out[0][i], out[0][i] + 16, gate);
+          std::copy(out[1][i], out[1][i] + 16, gate + 16);
+          std::copy(out[2][i], out[2][i] + 16, upv);
+          std::copy(out[3][i], out[3][i] + 16, upv + 16);
+          const int64_t row = p + i, chunk = row * (inter / 32) + cb;
+          silu_mul_quantize_block32(gate, upv, a.h.q + row * inter + 32 * cb, a.h.d + chunk,
+                                    a.h.ds + chunk);
+        }
+      }
+    }
+  });
+}
+
+// Stage B: items are blocks of output columns; each loops over the active experts and their
+// pairs, so the router-weighted sum over top-k is accumulated in fp32 with no two items ever
+// writing the same element.
+template <int Bits>
+void moe_down(const MoeArgs& a) {
+  const QWeight& w = a.w2;
+  const int64_t nb = w.nb(), width = 16 * nb;
+  const int64_t bpi = blocks_per_item(nb, a.num_threads, 4);
+  const int64_t nt = (nb + bpi - 1) / bpi;
+  char* y = static_cast<char*>(a.y);
+  const int64_t esize = element_size(a.y_dtype);
+  parallel_for(nt, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    float out[kMaxRows][16];
+    ActRow rows[kMaxRows];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b0 = item * bpi, b1 = std::min(nb, b0 + bpi);
+      for (int64_t t = 0; t < a.tokens; ++t)
+        std::fill(a.acc + t * width + 16 * b0, a.acc + t * width + 16 * b1, 0.0f);
+      prefetch_run(w, a.active[0], b0);
+      for (int64_t ai = 0; ai < a.n_active; ++ai) {
+        const int64_t e = a.active[ai], p1 = a.expert_offsets[e + 1];
+        if (ai + 1 < a.n_active) prefetch_run(w, a.active[ai + 1], b0);
+        for (int64_t p = a.expert_offsets[e]; p < p1; p += kMaxRows) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, p1 - p));
+          for (int i = 0; i < mr; ++i) rows[i] = a.h.row(p + i);
+          for (int64_t b = b0; b < b1; ++b) {
+            run_block<Bits>(w, e, b, rows, mr, out);
+            for (int i = 0; i < mr; ++i) {
+              float* dst = a.acc + a.pair_token[p + i] * width + 16 * b;
+              const float wt = a.pair_weight[p + i];
+              for (int r = 0; r < 16; ++r) dst[r] += wt * out[i][r];
+            }
+          }
+        }
+      }
+      const int64_t cols = std::min(w.n, 16 * b1) - 16 * b0;
+      for (int64_t t = 0; t < a.tokens; ++t)
+        store_row(a.acc + t * width + 16 * b0, cols, y + (t * w.n + 16 * b0) * esize, a.y_dtype);
+    }
+  });
+}
+
+}  // namespace
+
+void qgemm(const QGemmArgs& args) {
+  if (args.w.bits == 4) qgemm_bits<4>(args);
+  else qgemm_bits<8>(args);
+}
+
+void moe(const MoeArgs& args) {
+  if (args.w13.bits == 4) moe_gate_up<4>(args);
+  else moe_gate_up<8>(args);
+  if (args.w2.bits == 4) moe_down<4>(args);
+  else moe_down<8>(args);
+}
+
+}  // namespace KIMIVL_QGEMM_NS
+}  // namespace kimivl

@@ -1,0 +1,65 @@
+// Python bindings of the quantized matmul and the MoE expert block (csrc/cpu/qgemm.h).
+// Pointers arrive as integers; kimivl_local/ops/ checks every tensor before calling. The GIL is
+// released while the kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+
+#include "common.h"
+#include "cpu/qgemm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// (qweight, scales, zeros or 0, scale dtype, bits, out_features, in_features, kp, group_size),
+// built by kimivl_local/ops/_bridge.py weight_args().
+using WeightArgs = std::array<int64_t, 9>;
+
+kimivl::QWeight to_qweight(const WeightArgs& a) {
+  kimivl::QWeight w;
+  w.q = kimivl::ptr<const uint8_t>(a[0]);
+  w.scales = kimivl::ptr<const uint16_t>(a[1]);
+  w.zeros = a[2] ? kimivl::ptr<const int8_t>(a[2]) : nullptr;
+  w.scale_dtype = static_cast<kimivl::DType>(a[3]);
+  w.bits = static_cast<int>(a[4]);
+  w.n = a[5];
+  w.k = a[6];
+  w.kp = a[7];
+  w.group = a[8];
+  return w;
+}
+
+}  // namespace
+
+void bind_quant_ops(py::module_& m) {
+  m.def(
+      "quant_matmul",
+      [](int64_t x, int x_dtype, int64_t rows, const WeightArgs& weight, int64_t y, int y_dtype,
+         int num_threads) {
+        kimivl::quant_matmul(kimivl::ptr<const void>(x), static_cast<kimivl::DType>(x_dtype), rows,
+                             to_qweight(weight), kimivl::ptr<void>(y),
+                             static_cast<kimivl::DType>(y_dtype), num_threads);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("rows"), py::arg("weight"), py::arg("y"),
+      py::arg("y_dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+      "y[rows, N] = x[rows, K] . W^T for a weight in the CPU layout of kimivl_local.quant.cpu_layout.");
+  m.def(
+      "moe_block",
+      [](int64_t x, int x_dtype, int64_t tokens, int64_t topk_ids,
+         int64_t topk_weights, int64_t top_k, int64_t num_experts, const WeightArgs& w13,
+         const WeightArgs& w2, int64_t y, int y_dtype, int num_threads) {
+        kimivl::moe_block(kimivl::ptr<const void>(x), static_cast<kimivl::DType>(x_dtype), tokens,
+                          kimivl::ptr<const int32_t>(topk_ids),
+                          kimivl::ptr<const float>(topk_weights), top_k, num_experts,
+                          to_qweight(w13), to_qweight(w2), kimivl::ptr<void>(y),
+                          static_cast<kimivl::DType>(y_dtype), num_threads);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("tokens"), py::arg("topk_ids"),
+      py::arg("topk_weights"), py::arg("top_k"), py::arg("num_experts"), py::arg("w13"),
+      py::arg("w2"), py::arg("y"), py::arg("y_dtype"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Routed experts: y[t] = sum_j weight[t, j] * down(silu(gate(x[t])) * up(x[t])) of expert "
+      "topk_ids[t, j], for stacked weights in the CPU layout.");
+}

@@ -1,0 +1,51 @@
+"""What every op needs at the border with ``_C``: dtype codes, argument checks, thread count."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..ext import extension
+
+# csrc/common.h `DType`; keep in sync.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
+               torch.int32: 4, torch.uint8: 5}
+
+
+def num_threads() -> int:
+    """Threads for one CPU kernel call: KIMIVL_NUM_THREADS if set, else torch's intra-op count."""
+    env = os.environ.get("KIMIVL_NUM_THREADS")
+    if env:
+        n = int(env)
+        if n < 1:
+            raise ValueError(f"KIMIVL_NUM_THREADS must be >= 1, got {env!r}")
+        return n
+    return torch.get_num_threads()
+
+
+def kernel(name: str) -> Callable | None:
+    """``_C.<name>``, or None when the extension is missing or was built without it."""
+    ext = extension()
+    return getattr(ext, name, None) if ext is not None else None
+
+
+def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[int | None],
+                 device: torch.device | None = None) -> None:
+    """Raise naming `name` unless t is a contiguous tensor of one of `dtypes`, of `shape` (None
+    matches any size) and on `device` (when given). Runs on every kernel call: messages are only
+    built on failure."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be {names}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape "
+                         f"{list(t.shape)}")

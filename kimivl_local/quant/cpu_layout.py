@@ -1,0 +1,187 @@
+"""The CPU kernels' weight layout, and the converter from the on-disk packed form.
+
+Why this layout: the kernels compute 16 output rows at once with one 32-bit lane per row (an
+AVX-512 register is 16 lanes; AVX2 takes the first 8 rows from the first 32 bytes of every
+64 and the other 8 from the rest), multiplying 4 unsigned weight bytes of each row by the same 4
+broadcast int8 activation bytes (`vpdpbusd` / `vpmaddubsw`). So every 32-K chunk of a 16-row block
+is one contiguous run of bytes in exactly the order the registers consume it, with no shuffles and
+no horizontal sums; blocks are streamed front to back.
+
+With NB = ceil(N / 16) row blocks, KP = K rounded up to 32, KC = KP / 32 chunks, g the group size
+(KP for per-channel) and G = KP / g, a weight is three tensors (stacked experts add a leading E):
+
+  qweight  uint8 [NB, KC, 64 * bits]  chunk c of block b: rows n = 16b + r (r < 16),
+           k = 32c + ...
+           int4: byte 64i + 4r + t (i < 4, t < 4) = u[n][32c + 4i + t] | u[n][32c + 16 + 4i + t] << 4
+                 with u = q + 8 in [0, 15] (the on-disk unsigned nibble: no sign handling needed)
+           int8: byte 64j + 4r + t (j < 8)        = q[n][32c + 4j + t], two's complement
+  scales   bf16 or fp16 [NB, G, 16]   scales[b][g][r] = scale[16b + r][g], kept in the
+           checkpoint's 16-bit dtype so the kernel sees exactly the on-disk values (fp32 scales are
+           rounded to fp16, or bf16 when outside fp16's normal range: the one lossy step)
+  zeros    int8 [NB, G, 16], asymmetric only: the zero of the stored value, z + 8 (int4, in
+           [0, 15]) or z (int8); symmetric int4 uses the constant 8, symmetric int8 none.
+
+W[n][k] = scale * (stored - zero). Rows N..16*NB-1 are padding with scale 0; columns K..KP-1
+(per-channel only) hold 0 and meet zero activations. The activations' per-32 sums turn the zero
+into one correction per group (see csrc/cpu/qgemm.h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import PackedWeight, unpack
+
+ROWS = 16  # output rows per block
+CHUNK = 32  # K per chunk (also the activation quantization block)
+
+
+@dataclass(frozen=True)
+class CpuQuantWeight:
+    """A weight [*, N, K] in the CPU kernel layout (module docstring); leading dim = experts."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int  # KP for per-channel
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):
+        """Check every tensor once, here, so the ops need not on each call."""
+        n, k, bits, group = self.out_features, self.in_features, self.bits, self.group_size
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if n < 1 or k < 1:
+            raise ValueError(f"out_features and in_features must be positive, got {n}, {k}")
+        kp = _padded(k)
+        if group < CHUNK or group % CHUNK or kp % group:
+            raise ValueError(f"group_size must be a multiple of {CHUNK} dividing {kp}, got {group}")
+        if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (3, 4):
+            raise ValueError("qweight must be a tensor [NB, KC, 64 * bits] or [E, NB, KC, 64 * bits]")
+        lead = list(self.qweight.shape[:-3])
+        nb, g = -(-n // ROWS), kp // group
+        _expect("qweight", self.qweight, (torch.uint8,), lead + [nb, kp // CHUNK, 64 * bits], None)
+        device = self.qweight.device
+        _expect("scales", self.scales, (torch.bfloat16, torch.float16), lead + [nb, g, ROWS], device)
+        if self.zeros is not None:
+            _expect("zeros", self.zeros, (torch.int8,), lead + [nb, g, ROWS], device)
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.qweight.shape[0] if self.qweight.dim() == 4 else None
+
+    def expert(self, e: int) -> "CpuQuantWeight":
+        if self.num_experts is None:
+            raise ValueError("expert() needs a stacked [E, ...] weight")
+        return CpuQuantWeight(self.qweight[e], self.scales[e],
+                              None if self.zeros is None else self.zeros[e], self.bits,
+                              self.group_size, self.out_features, self.in_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
+                   if t is not None)
+
+
+def _expect(name, t, dtypes, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if list(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but qweight is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _padded(k: int) -> int:
+    return -(-k // CHUNK) * CHUNK
+
+
+def _scale_dtype(scale: torch.Tensor) -> torch.dtype:
+    if scale.dtype in (torch.bfloat16, torch.float16):
+        return scale.dtype
+    nonzero = scale[scale != 0].abs()
+    fits = nonzero.numel() == 0 or (nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
+    return torch.float16 if fits else torch.bfloat16
+
+
+def to_cpu_layout(packed: PackedWeight) -> CpuQuantWeight:
+    """Repack [N, K] or stacked [E, N, K] on-disk tensors into the CPU kernel layout."""
+    s = packed.scheme
+    n, k = packed.out_features, packed.in_features
+    if s.group_size is not None and s.group_size % CHUNK:
+        raise ValueError(f"the CPU kernels need group_size to be a multiple of {CHUNK}, "
+                         f"got {s.group_size}")
+    group = _padded(k) if s.group_size is None else s.group_size
+    q, scale, zero = unpack(packed)
+    stacked = q.dim() == 3
+    if not stacked:
+        q, scale, zero = q[None], scale[None], zero[None]
+    sdtype = _scale_dtype(packed.weight_scale)
+    parts = [_convert(q[e], scale[e], zero[e], s.bits, not s.symmetric, sdtype)
+             for e in range(q.shape[0])]
+    qweight, scales, zeros = (None if parts[0][i] is None else torch.stack([p[i] for p in parts])
+                              for i in range(3))
+    if not stacked:
+        qweight, scales = qweight[0], scales[0]
+        zeros = None if zeros is None else zeros[0]
+    return CpuQuantWeight(qweight, scales, zeros, s.bits, group, n, k)
+
+
+def _convert(q, scale, zero, bits, asym, sdtype):
+    """One [N, K] slice: int8 q, fp32 scale [N, G], int8 zero [N, G] -> (qweight, scales, zeros)."""
+    n, k = q.shape
+    nb, kp = -(-n // ROWS), _padded(k)
+    kc = kp // CHUNK
+    pad_rows = nb * ROWS - n
+    if bits == 4:
+        u = torch.zeros(nb * ROWS, kp, dtype=torch.uint8)
+        u[:n, :k] = (q.to(torch.int16) + 8).to(torch.uint8)
+        # [b, r, c, half, i, t] -> [b, c, half, i, r, t]; k = 32c + 16 half + 4i + t
+        u = u.view(nb, ROWS, kc, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+        qweight = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(nb, kc, 256)
+    else:
+        v = torch.zeros(nb * ROWS, kp, dtype=torch.int8)
+        v[:n, :k] = q
+        # [b, r, c, j, t] -> [b, c, j, r, t]; k = 32c + 4j + t
+        qweight = v.view(torch.uint8).view(nb, ROWS, kc, 8, 4).permute(0, 2, 3, 1, 4)
+        qweight = qweight.reshape(nb, kc, 512)
+    g = scale.shape[-1]
+    scales = torch.nn.functional.pad(scale, (0, 0, 0, pad_rows)).to(sdtype)
+    scales = scales.view(nb, ROWS, g).transpose(1, 2).contiguous()
+    zeros = None
+    if asym:
+        z = zero.to(torch.int16) + (8 if bits == 4 else 0)
+        zeros = torch.nn.functional.pad(z, (0, 0, 0, pad_rows)).to(torch.int8)
+        zeros = zeros.view(nb, ROWS, g).transpose(1, 2).contiguous()
+    return qweight.contiguous(), scales, zeros
+
+
+def dequantize(w: CpuQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [*, N, K] from the CPU layout (the torch reference reads the same bytes the kernels do)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lead = w.qweight.shape[:-3]
+    nb, kc = w.qweight.shape[-3:-1]
+    qw = w.qweight.reshape(-1, nb, kc, w.qweight.shape[-1])
+    if w.bits == 4:
+        b = qw.view(-1, nb, kc, 4, ROWS, 4)
+        u = torch.stack((b & 0xF, b >> 4), dim=3)  # [x, b, c, half, i, r, t]
+        v = u.permute(0, 1, 5, 2, 3, 4, 6).to(acc)
+    else:
+        v = qw.view(torch.int8).view(-1, nb, kc, 8, ROWS, 4).permute(0, 1, 4, 2, 3, 5).to(acc)
+    v = v.reshape(-1, nb * ROWS, kc * CHUNK)
+    g = w.scales.shape[-2]
+    scale = w.scales.reshape(-1, nb, g, ROWS).transpose(2, 3).reshape(-1, nb * ROWS, g).to(acc)
+    if w.zeros is not None:
+        zero = w.zeros.reshape(-1, nb, g, ROWS).transpose(2, 3).reshape(-1, nb * ROWS, g).to(acc)
+    else:
+        zero = torch.full_like(scale, 8.0 if w.bits == 4 else 0.0)
+    out = (v.unflatten(-1, (g, -1)) - zero[..., None]) * scale[..., None]
+    out = out.flatten(-2)[:, :w.out_features, :w.in_features]
+    return out.reshape(*lead, w.out_features, w.in_features).to(dtype)

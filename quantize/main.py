@@ -1,0 +1,150 @@
+"""`kimivl-local quantize SRC DST`: compress a bf16 Kimi-VL checkpoint; `quantize()` is the same
+from Python."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from kimivl_local.errors import CheckpointError, InputError, KimiVLError
+from kimivl_local.loader import resolve_model_path
+
+from .plan import Plan, make_plan
+from .recipes import RECIPES, parse_rule, recipe_rules
+from .report import GB, build_report, error_table, size_table
+from .writer import Workspace, finish, write_shards
+
+log = logging.getLogger("kimivl_local.quantize")
+
+EPILOG = """recipes:
+{recipes}
+
+rules: --rule 'REGEX=BITS[:GROUP][:sym|asym]' (repeatable, tried before the recipe's rules, first
+match wins). REGEX is searched in module names such as
+language_model.model.layers.3.mlp.experts.17.down_proj; BITS 4 or 8, or 16 to keep bf16; GROUP
+32, 64, 128 or channel (default 128 for 4 bits, channel for 8). Routers always stay bf16.
+  e.g. --recipe int4 --rule 'lm_head=8' --rule 'layers\\.0\\.=16'
+
+An interrupted run resumes when the same command is run again (DST.partial holds its progress).
+"""
+
+
+def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: str = "rtn",
+             force: bool = False, shard_size: int = 2 << 30, calib_data: Path | None = None,
+             calib_samples: int = 64, device: str | None = None) -> dict:
+    """Quantize checkpoint `src` (folder or cached HF repo id) into folder `dst`; returns the
+    report (also written to dst/quantization_report.json)."""
+    src, dst = resolve_model_path(src), Path(dst).expanduser().absolute()
+    _check_paths(src, dst, force)
+    plan = make_plan(src, recipe_rules(recipe), [parse_rule(r) for r in rules], shard_size)
+    return write(plan, dst, method=method, force=force, calib_data=calib_data,
+                 calib_samples=calib_samples, device=device)
+
+
+def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
+          calib_data: Path | None = None, calib_samples: int = 64, device: str | None = None) -> dict:
+    if method not in ("rtn", "gptq"):
+        raise InputError(f"method must be rtn or gptq, got {method!r}")
+    calib = {"data": str(calib_data) if calib_data else None, "samples": calib_samples}
+    ws = Workspace(dst, plan.fingerprint({"method": method, **(calib if method == "gptq" else {})}))
+    done = ws.open()
+    try:
+        provider, layers = None, None
+        if method == "gptq":
+            from .sequential import run_gptq
+
+            provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)
+        errors = write_shards(plan, ws, done, provider)
+        report = build_report(plan, errors, method, layers)
+        finish(plan, ws, report)
+        ws.publish(force)
+    except CheckpointError:
+        ws.discard()  # a corrupt source: nothing of this run is worth resuming
+        raise
+    return report
+
+
+def _check_paths(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise InputError(f"DST {dst} must be outside SRC {src} (and not contain it)")
+    if dst.exists() and not force:
+        raise InputError(f"{dst} already exists; pass --force to replace it")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB or 500MB, got {text!r}")
+    base = 1024 if m[3] else 1000
+    return int(float(m[1]) * base ** " KMGT".index(m[2].upper() or " "))
+
+
+def _parser() -> argparse.ArgumentParser:
+    recipes = "\n".join(textwrap.fill(doc, 96, initial_indent=f"  {name:13s}",
+                                       subsequent_indent=" " * 15)
+                         for name, (doc, _) in RECIPES.items())
+    p = argparse.ArgumentParser(prog="kimivl-local quantize",
+                                description="Compress a bf16 Kimi-VL checkpoint to the "
+                                            "compressed-tensors pack-quantized format.",
+                                epilog=EPILOG.format(recipes=recipes),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="bf16 checkpoint folder or Hugging Face repo id in the local cache")
+    p.add_argument("dst", type=Path, help="output folder (written as DST.partial, then renamed)")
+    p.add_argument("--recipe", default="default", choices=list(RECIPES), help="default: default")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=BITS[:GROUP][:sym|asym]",
+                   help="per-module override, see below (repeatable)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="round-to-nearest (default), or GPTQ with calibration data")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sizes and GPU memory estimate, write nothing")
+    p.add_argument("--context", type=int, default=8192,
+                   help="context length for the GPU memory estimate (default 8192)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--shard-size", type=parse_size, default=2 << 30,
+                   help="largest output shard (default 2GiB; also the unit of resumption)")
+    p.add_argument("--calib-data", type=Path,
+                   help="GPTQ calibration: a folder of .txt and image files, or a JSONL file of "
+                        '{"text": ..., "image": path} lines (default: a built-in synthetic set)')
+    p.add_argument("--calib-samples", type=int, default=64,
+                   help="GPTQ calibration samples (default 64)")
+    p.add_argument("--device", help="GPTQ device (default: cuda when available, else cpu)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        src, dst = resolve_model_path(args.src), args.dst.expanduser().absolute()
+        if not args.dry_run:
+            _check_paths(src, dst, args.force)
+        t0 = time.perf_counter()
+        plan = make_plan(src, recipe_rules(args.recipe), [parse_rule(r) for r in args.rule],
+                         args.shard_size)
+        print(size_table(plan, args.context))
+        if args.dry_run:
+            return 0
+        report = write(plan, dst, args.method, args.force, args.calib_data, args.calib_samples,
+                       args.device)
+    except KimiVLError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume from {args.dst}.partial",
+              file=sys.stderr)
+        return 130
+    print(error_table(report["linear_errors"]))
+    print(f"wrote {dst}: {report['output_bytes'] / GB:.2f} GB from "
+          f"{report['source_tensor_bytes'] / GB:.2f} GB ({args.recipe}, {args.method}) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

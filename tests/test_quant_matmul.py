@@ -1,0 +1,144 @@
+"""quant_matmul against fp64 oracles, on every CPU kernel path this machine can run.
+
+Tolerances (mag = sum_k |W[n,k] * x_hat[k]|, computed in fp64):
+  * exact-math oracle, y_o = dequant(W) . x_hat with x_hat the kernel's int8 activations
+    (quantize_activations_reference): the integer dot products are exact, and the kernel rounds in
+    fp32 about once per 32-K chunk and per group, so |y - y_o| <= 2 (KC + G + 8) 2^-24 mag;
+    a bf16 output adds one rounding, 2^-8 |y_o| (8 significant bits).
+  * true product, y_t = dequant(W) . x: the activation error is at most half an int8 step,
+    amax_block / 254, per element, so |y - y_t| <= sum_k |W[n,k]| amax_b(k) / 254 plus the above;
+    over random data the relative RMS error stays below 1% (about 0.4% expected for int8 per 32).
+"""
+
+import sys
+
+import pytest
+import torch
+
+from kimivl_local.ext import extension
+from kimivl_local.ops import quant_matmul, quant_matmul_reference, quantize_activations_reference
+from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
+from kimivl_local.quant.cpu_layout import CpuQuantWeight, dequantize
+
+qm = sys.modules["kimivl_local.ops.quant_matmul"]
+ISAS = ["portable", "avx2", "avx512_vnni"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Force one kernel path; skip the paths this CPU (or this install) cannot run."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "quant_matmul"):
+        pytest.skip("no compiled quant_matmul in this install")
+    if request.param not in ext.build_info()["cpu_isas_supported"]:
+        pytest.skip(f"this CPU does not support {request.param}")
+    monkeypatch.setenv("KIMIVL_ISA", request.param)
+    return request.param
+
+
+def make_weight(n, k, bits, group, sym, scale_dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (1 + torch.rand(n, 1, generator=g))
+    return to_cpu_layout(quantize_rtn(w.to(scale_dtype), QuantScheme(bits, group, sym)))
+
+
+def tolerance(x, w, out_dtype):
+    """(exact-oracle result, its bound) and (true product, its bound) as described above."""
+    wd = dequantize(w, torch.float64)
+    xh = quantize_activations_reference(x)
+    y_exact, mag = xh @ wd.T, xh.abs() @ wd.abs().T
+    kc, g = -(-w.in_features // 32), -(-w.in_features // 32) * 32 // w.group_size
+    tol = 2 * (kc + g + 8) * 2.0 ** -24 * mag
+    if out_dtype == torch.bfloat16:
+        tol = tol + 2.0 ** -8 * y_exact.abs()
+    x64 = x.double()
+    blocks = torch.nn.functional.pad(x64, (0, (-x.shape[1]) % 32)).unflatten(-1, (-1, 32))
+    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).flatten(-2)[:, :x.shape[1]]
+    y_true = x64 @ wd.T
+    return y_exact, tol, y_true, tol + half_step @ wd.abs().T + 1e-12
+
+
+SHAPES = [  # (N, K, group): N not a multiple of 16, K at a group boundary, K = one group,
+    (50, 256, 32), (50, 256, 64), (33, 384, 128), (24, 128, 128), (40, 200, None), (16, 64, None)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_against_fp64(isa, m, n, k, group, bits, sym):
+    w = make_weight(n, k, bits, group, sym, seed=n + k)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        y = quant_matmul(x, w)
+        assert y.shape == (m, n) and y.dtype == dtype
+        y_exact, tol, y_true, loose = tolerance(x, w, dtype)
+        err = (y.double() - y_exact).abs()
+        assert (err <= tol).all(), f"max excess {(err - tol).max():.3g}"
+        assert ((y.double() - y_true).abs() <= loose).all()
+        assert (y.double() - y_true).norm() <= 1e-2 * y_true.norm()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_rows(isa, bits):
+    """M = 512 (many row tiles and column items), fp16 scales, leading batch dims."""
+    w = make_weight(72, 256, bits, 128, False, scale_dtype=torch.float16)
+    x = torch.randn(2, 256, 256)
+    y = quant_matmul(x, w)
+    assert y.shape == (2, 256, 72)
+    y_exact, tol, _, _ = tolerance(x.view(512, 256), w, torch.float32)
+    assert ((y.view(512, 72).double() - y_exact).abs() <= tol).all()
+
+
+def test_threads_do_not_change_the_result(isa, monkeypatch):
+    w = make_weight(1000, 1024, 4, 128, True)  # 2 * 7 * 1000 * 1024 ops: enough for 2 threads
+    x = torch.randn(7, 1024)
+    monkeypatch.setenv("KIMIVL_NUM_THREADS", "1")
+    one = quant_matmul(x, w)
+    monkeypatch.setenv("KIMIVL_NUM_THREADS", "2")
+    assert torch.equal(quant_matmul(x, w), one)  # each output is summed by one thread, in order
+
+
+def test_special_values(isa):
+    w = make_weight(32, 64, 4, 32, True)
+    x = torch.randn(3, 64)
+    x[0] = 0.0
+    x[1, 5] = float("nan")
+    y = quant_matmul(x, w)
+    assert (y[0] == 0).all() and y[1].isnan().all() and y[2].isfinite().all()
+    assert quant_matmul(x[:0], w).shape == (0, 32)
+
+
+def test_fallback_without_extension_is_the_reference(monkeypatch):
+    monkeypatch.setattr(qm, "kernel", lambda name: None)
+    w = make_weight(48, 128, 4, 64, False)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    assert torch.equal(quant_matmul(x, w), quant_matmul_reference(x, w))
+    x64 = torch.randn(2, 128, dtype=torch.float64)  # not a kernel dtype: reference, in fp64
+    torch.testing.assert_close(quant_matmul(x64, w), x64 @ dequantize(w, torch.float64).T)
+
+
+def test_registered_op():
+    w = make_weight(32, 64, 4, 32, False)
+    x = torch.randn(3, 64)
+    torch.library.opcheck(qm._quant_matmul_op, (x, w.qweight, w.scales, w.zeros, w.bits,
+                                                w.group_size, w.out_features, w.in_features))
+
+
+def test_bad_arguments_name_the_argument():
+    w = make_weight(32, 64, 4, 32, True)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"x must have shape \[\*, 64\]"):
+        quant_matmul(torch.randn(2, 63), w)
+    with pytest.raises(ValueError, match="x must be"):
+        quant_matmul(x.to(torch.int32), w)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        quant_matmul(torch.randn(64, 2).T, w)
+    with pytest.raises(TypeError, match="w must be a CpuQuantWeight"):
+        quant_matmul(x, torch.randn(32, 64))
+    stacked = to_cpu_layout(quantize_rtn(torch.randn(2, 32, 64), QuantScheme(4, 32)))
+    with pytest.raises(ValueError, match=r"w must be one \[N, K\] weight"):
+        quant_matmul(x, stacked)
+    with pytest.raises(ValueError, match="w is on cpu but x is on meta"):
+        quant_matmul(x.to("meta"), w)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        CpuQuantWeight(w.qweight, w.scales[:1], None, 4, 32, 32, 64)
