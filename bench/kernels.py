@@ -72,18 +72,21 @@ def quant_matmul_cases(args) -> list[Case]:
         if m > 1 and (args.quick or name == "lm_head"):
             continue
         w = to_cpu_layout(random_weight((n, k), scheme))
-        ws = [w] + [to_cpu_layout(random_weight((n, k), scheme)) for _ in range(copies_for(w.nbytes()) - 1)] \
-            if m == 1 else [w]
+        ws = [w]
+        if m == 1:
+            ws += [to_cpu_layout(random_weight((n, k), scheme))
+                   for _ in range(copies_for(w.nbytes()) - 1)]
         x = torch.randn(m, k).bfloat16()
         dense = dequantize(w)
-        copies = copies_for(dense.numel() * 2) if m == 1 else 1
-        bf16 = [dense.bfloat16()] + [torch.randn(n, k).bfloat16() for _ in range(copies - 1)]
-        fp32 = [dense] + [torch.randn(n, k) for _ in range(copies_for(dense.numel() * 4) - 1)] \
-            if m == 1 else [dense]
+        bf16, fp32 = [dense.bfloat16()], [dense]
+        if m == 1:  # torch's weights rotate too
+            bf16 += [torch.randn(n, k).bfloat16() for _ in range(copies_for(n * k * 2) - 1)]
+            fp32 += [torch.randn(n, k) for _ in range(copies_for(n * k * 4) - 1)]
         x32 = x.float()
         cases.append(Case(
             "quant_matmul", f"{name} {sname} M={m} N={n} K={k}",
-            rotating([lambda w=w, x=x: quant_matmul(x, w) for w in ws]), w.nbytes(), 2.0 * m * n * k,
+            rotating([lambda w=w, x=x: quant_matmul(x, w) for w in ws]), w.nbytes(),
+            2.0 * m * n * k,
             rotating([lambda d=d, x=x: F.linear(x, d) for d in bf16]),
             rotating([lambda d=d, x=x32: F.linear(x, d) for d in fp32]),
             reps=20 if m == 1 else 3))
@@ -128,14 +131,14 @@ def moe_cases(args) -> list[Case]:
                 quant += [stack() for _ in range(copies_for(touched) - len(quant))]
                 for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
                     want = copies_for((d13.numel() + d2.numel()) * size) - len(dense[dtype])
-                    dense[dtype] += [(torch.randn(d13.shape).to(dtype), torch.randn(d2.shape).to(dtype))
-                                     for _ in range(want)]
+                    dense[dtype] += [(torch.randn(d13.shape).to(dtype),
+                                      torch.randn(d2.shape).to(dtype)) for _ in range(want)]
             calls = [(torch.rand(r.shape), r) for r in routes]
 
             def runs(fn, weights, x=x, calls=calls):
                 n = max(len(calls), len(weights))
-                return rotating([lambda i=i: fn(x, *calls[i % len(calls)], *weights[i % len(weights)])
-                                 for i in range(n)])
+                return rotating([lambda i=i: fn(x, *calls[i % len(calls)],
+                                                *weights[i % len(weights)]) for i in range(n)])
 
             cases.append(Case(
                 "moe_block", f"{name} E={e} top-{k} {HIDDEN}<->{inter} int4-g128 M={m}",
@@ -214,8 +217,9 @@ def main(argv=None) -> None:
             records.append(rec)
             fmt = lambda t: f"{t * 1e3:9.3f}" if t else f"{'-':>9}"  # noqa: E731
             ratio = lambda t: f"{t / sec:6.2f}" if t else f"{'-':>6}"  # noqa: E731
-            print(f"{case.op:13} {case.shape:58} {sec * 1e3:9.3f} {rec['gbps']:6.1f} {ceiling:5.1f} "
-                  f"{100 * rec['gbps'] / ceiling:4.0f} {rec['gflops']:8.1f} {fmt(t16)} {fmt(t32)} "
+            print(f"{case.op:13} {case.shape:58} {sec * 1e3:9.3f} {rec['gbps']:6.1f} "
+                  f"{ceiling:5.1f} {100 * rec['gbps'] / ceiling:4.0f} {rec['gflops']:8.1f} "
+                  f"{fmt(t16)} {fmt(t32)} "
                   f"{ratio(t16)} {ratio(t32)}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:

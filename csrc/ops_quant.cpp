@@ -44,7 +44,7 @@ void bind_quant_ops(py::module_& m) {
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("rows"), py::arg("weight"), py::arg("y"),
       py::arg("y_dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
-      "y[rows, N] = x[rows, K] . W^T for a weight in the CPU layout of kimivl_local.quant.cpu_layout.");
+      "y[rows, N] = x[rows, K] . W^T for a weight in kimivl_local.quant.cpu_layout's layout.");
   m.def(
       "moe_block",
       [](int64_t x, int x_dtype, int64_t tokens, int64_t topk_ids,

@@ -77,7 +77,7 @@ def gptq(weight: torch.Tensor, h: torch.Tensor, scheme: QuantScheme,
             err = (w1[:, i] - (col_q - zero) * scale) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+        w[:, b1:].addmm_(err1, hinv[b0:b1, b1:], alpha=-1)
     scale_t = torch.stack(scales, 1).to(scale_dtype).cpu()
     zp = None
     if not scheme.symmetric:

@@ -48,6 +48,8 @@ def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: s
 
 def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
           calib_data: Path | None = None, calib_samples: int = 64, device: str | None = None) -> dict:
+    """Write `plan` to dst: in dst.partial (resumed when a run of the same plan and settings left
+    one), renamed to dst when complete; returns the report."""
     if method not in ("rtn", "gptq"):
         raise InputError(f"method must be rtn or gptq, got {method!r}")
     calib = {"data": str(calib_data) if calib_data else None, "samples": calib_samples}
@@ -55,7 +57,7 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
     done = ws.open()
     try:
         provider, layers = None, None
-        if method == "gptq":
+        if method == "gptq":  # imported here: it pulls in the tokenizer and image stack
             from .sequential import run_gptq
 
             provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)

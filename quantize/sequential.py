@@ -3,9 +3,11 @@ memory: calibration embeddings (text, and images through MoonViT + projector) go
 0, whose linears are quantized from the Hessians of their inputs; the quantized layer then
 produces the inputs of layer 1, and so on; lm_head last, on the final-normed states.
 
-Routed experts get their own Hessians from the tokens the router sends them; an expert that
-receives fewer than 0.5% of the calibration tokens (GPTQModel's fallback threshold) is left to
-RTN, with a log line. Each finished layer is saved in the scratch folder, so an interrupted
+Routed experts get their own Hessians from the tokens the router sends them, plus a prior: the
+statistics of all the layer's tokens through that expert, weighted as PRIOR_TOKENS tokens
+(reference §5.2's H_e + α·H_all), so an expert that saw few tokens is not fitted to a
+rank-deficient Hessian. An expert that receives fewer than 0.5% of the calibration tokens
+(GPTQModel's fallback threshold) is left to RTN, with a log line. Each finished layer is saved in the scratch folder, so an interrupted
 run resumes after its last finished layer. Runs on CUDA when available, else the CPU.
 """
 
@@ -38,11 +40,13 @@ from kimivl_local.tokenizer import Tokenizer
 from .calibration import default_samples, load_samples
 from .gptq import Hessian, gptq, relative_error
 from .plan import Job, Plan
+from .writer import chunk_rows
 
 log = logging.getLogger("kimivl_local.quantize")
 
 MAX_SAMPLE_TOKENS = 1024
 FALLBACK_SHARE = 0.005  # experts seeing fewer than this share of the tokens use RTN
+PRIOR_TOKENS = 128  # weight of the all-tokens prior in each expert's Hessian, in tokens
 
 
 def run_gptq(plan: Plan, scratch: Path, calib_data: Path | None, n_samples: int,
@@ -186,14 +190,14 @@ def _solve(layer, targets, hessians, min_tokens, what):
         if hess is None or hess.rows < min_tokens:
             fallback.append(name)
             continue
-        result = gptq(weight, hess.h, job.scheme, job.source.dtype)
+        prior = hessians.get(_prior_key(name))
+        h = hess.h if prior is None else hess.h + (PRIOR_TOKENS / prior.rows) * prior.h
+        result = gptq(weight, h, job.scheme, job.source.dtype)
         if result is None:
             log.info("%s %s: Hessian singular even after damping; RTN", what, name)
             fallback.append(name)
             continue
-        rtn = dequantize(quantize_rtn(weight.to(job.source.dtype), job.scheme))
-        num, den = relative_error(weight, dequantize(result).to(weight.device), hess.h)
-        num_rtn, _ = relative_error(weight, rtn.to(weight.device), hess.h)
+        num, num_rtn, den = _errors(weight, result, job, hess.h)
         for key, n in (("gptq", num), ("rtn", num_rtn)):
             sums[key][0] += n
             sums[key][1] += den
@@ -211,18 +215,39 @@ def _solve(layer, targets, hessians, min_tokens, what):
     return packed, {"errors": errors, "report": report}
 
 
+def _errors(weight: torch.Tensor, result: PackedWeight, job: Job,
+            h: torch.Tensor) -> tuple[float, float, float]:
+    """‖X(Ŵ-W)ᵀ‖² for GPTQ's Ŵ and RTN's, and ‖XWᵀ‖², in row chunks (RTN is per row), so an
+    lm_head-sized weight needs no full-size temporaries beyond GPTQ's dequantized copy."""
+    approx = dequantize(result).to(weight.device)
+    num = num_rtn = den = 0.0
+    rows = chunk_rows(weight.shape[1])
+    for r0 in range(0, weight.shape[0], rows):
+        w = weight[r0:r0 + rows]
+        rtn = dequantize(quantize_rtn(w.to(job.source.dtype), job.scheme)).to(w.device)
+        n, d = relative_error(w, approx[r0:r0 + rows], h)
+        num, den, num_rtn = num + n, den + d, num_rtn + relative_error(w, rtn, h)[0]
+    return num, num_rtn, den
+
+
 def _expert_hook(module: StackedExperts, name: str, hessians: dict):
-    """Per-expert Hessians: gate and up share their input; down sees silu(gate)·up."""
+    """Per-expert Hessians of the routed tokens (gate and up share their input; down sees
+    silu(gate)·up), and of all tokens, the prior."""
+
+    def add(key: str, x: torch.Tensor) -> None:
+        if len(x):
+            hessians.setdefault(key, Hessian(x.shape[1], x.device)).add(x)
 
     def hook(mod, args):
         x, _, ids = args
-        for e in ids.unique().tolist():
+        x = x.float()
+        add(f"{name}.gate_up.prior", x)  # one for all experts: they share the input
+        for e in range(module.gate_proj.shape[0]):
+            h = F.silu(x @ module.gate_proj[e].float().T) * (x @ module.up_proj[e].float().T)
             rows = (ids == e).any(-1)
-            xe = x[rows].float()
-            h = F.silu(xe @ module.gate_proj[e].float().T) * (xe @ module.up_proj[e].float().T)
-            key = f"{name}.{e}"
-            for suffix, inp in ((".gate_up", xe), (".down_proj", h)):
-                hessians.setdefault(key + suffix, Hessian(inp.shape[1], x.device)).add(inp)
+            add(f"{name}.{e}.gate_up", x[rows])
+            add(f"{name}.{e}.down_proj", h[rows])
+            add(f"{name}.{e}.down_proj.prior", h)
 
     return hook
 
@@ -232,6 +257,15 @@ def _hessian_key(name: str) -> str:
     if name.startswith("mlp.experts.") and name.endswith(("gate_proj", "up_proj")):
         return name.rsplit(".", 1)[0] + ".gate_up"
     return name
+
+
+def _prior_key(name: str) -> str | None:
+    """The all-tokens Hessian of a routed expert's projection (None for other layers)."""
+    if not name.startswith("mlp.experts."):
+        return None
+    if name.endswith("down_proj"):
+        return name + ".prior"
+    return "mlp.experts.gate_up.prior"
 
 
 def _weight(layer: nn.Module, name: str) -> torch.Tensor:

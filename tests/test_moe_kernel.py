@@ -61,7 +61,8 @@ def quantize_with_slack(h, eps):
     d = amax / 127
     v = torch.where(amax > 0, blocks * 127 / amax, torch.zeros_like(blocks))
     hq = v.round() * d
-    move = (eb + blocks.abs() * d_amax / (amax - d_amax).clamp_min(1e-300)) * 127 / amax.clamp_min(1e-300) + 2e-5
+    eps_v = eb + blocks.abs() * d_amax / (amax - d_amax).clamp_min(1e-300)  # bound on |h_k - h|
+    move = eps_v * 127 / amax.clamp_min(1e-300) + 2e-5  # ... on the kernel's h * 127 / amax
     ambiguous = (v - v.floor() - 0.5).abs() <= move
     rel_d = d_amax / amax.clamp_min(1e-300)
     slack = hq.abs() * rel_d * 2 + ambiguous * (d + d_amax / 127)
@@ -156,7 +157,8 @@ def test_fallback_without_extension_is_the_reference(monkeypatch):
     w13, w2 = make_experts(4, 64, 32, s, s)
     weights, ids = route(6, 4, 2, seed=2)
     x = torch.randn(6, 64, dtype=torch.bfloat16)
-    assert torch.equal(moe_block(x, weights, ids, w13, w2), moe_block_reference(x, weights, ids, w13, w2))
+    expect = moe_block_reference(x, weights, ids, w13, w2)
+    assert torch.equal(moe_block(x, weights, ids, w13, w2), expect)
     assert moe_block(x[:0], weights[:0], ids[:0], w13, w2).shape == (0, 64)
 
 

@@ -14,7 +14,8 @@ SCHEMES = [QuantScheme(bits, group, sym) for bits in (4, 8) for group in (32, 64
 
 
 def _ids(s):
-    return f"int{s.bits}-{'g%d' % s.group_size if s.group_size else 'channel'}-{'sym' if s.symmetric else 'asym'}"
+    group = f"g{s.group_size}" if s.group_size else "channel"
+    return f"int{s.bits}-{group}-{'sym' if s.symmetric else 'asym'}"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -54,11 +55,13 @@ def test_matches_compressed_tensors(scheme):
     """compressed-tensors' own compressor packs what we pack and decompresses what we wrote."""
     ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.compressors.pack_quantized.helpers import (pack_to_int32,
+                                                                       unpack_from_int32)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     torch.manual_seed(1)
-    ct_scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**scheme.to_config()))
+    ct_scheme = QuantizationScheme(targets=["Linear"],
+                                   weights=QuantizationArgs(**scheme.to_config()))
     w = torch.randn(40, 256, dtype=torch.bfloat16)
     ours = quantize_rtn(w, scheme)
     q, _, zero = unpack(ours)
@@ -78,7 +81,8 @@ def test_matches_compressed_tensors(scheme):
     # The raw helpers agree too, on stacked experts and ragged lengths.
     q3 = torch.randint(scheme.qmin, scheme.qmax + 1, (3, 9, 21), dtype=torch.int8)
     assert torch.equal(pack_to_int32(q3, scheme.bits), pack_int32(q3, scheme.bits))
-    assert torch.equal(pack_to_int32(q3[0], scheme.bits, packed_dim=0), pack_int32(q3[0], scheme.bits, dim=-2))
+    assert torch.equal(pack_to_int32(q3[0], scheme.bits, packed_dim=0),
+                       pack_int32(q3[0], scheme.bits, dim=-2))
     assert torch.equal(unpack_from_int32(pack_int32(q, scheme.bits), scheme.bits, q.shape), q)
     assert ct.__version__
 
@@ -91,7 +95,8 @@ def test_symmetric_scales_match_compressed_tensors_observer():
     w = torch.randn(16, 256)
     for scheme in (QuantScheme(4, 64, True), QuantScheme(8, 128, True)):
         groups = w.unflatten(-1, (-1, scheme.group_size))
-        scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), QuantizationArgs(**scheme.to_config()))
+        args = QuantizationArgs(**scheme.to_config())
+        scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
         assert torch.equal(quantize_rtn(w, scheme).weight_scale, scale)
 
 
@@ -106,11 +111,13 @@ def test_config_roundtrip_and_rejects():
 
 def test_packed_validation_names_the_tensor():
     p = quantize_rtn(torch.randn(16, 128), QuantScheme(4, 32, False))
-    bad = PackedWeight(p.weight_packed[:, :-1], p.weight_scale, p.weight_shape, p.weight_zero_point, p.scheme)
+    bad = PackedWeight(p.weight_packed[:, :-1], p.weight_scale, p.weight_shape,
+                       p.weight_zero_point, p.scheme)
     with pytest.raises(ValueError, match="weight_packed must have shape"):
         bad.validate()
     with pytest.raises(KeyError, match="weight_zero_point"):
-        PackedWeight.from_state_dict({k: v for k, v in p.state_dict().items() if "zero" not in k}, p.scheme)
+        no_zero = {k: v for k, v in p.state_dict().items() if "zero" not in k}
+        PackedWeight.from_state_dict(no_zero, p.scheme)
     with pytest.raises(ValueError, match="not a multiple of group_size"):
         quantize_rtn(torch.randn(4, 100), QuantScheme(4, 32))
 
@@ -177,6 +184,7 @@ def test_cpu_weight_validation_names_the_tensor():
     with pytest.raises(ValueError, match="zeros must be one of"):
         CpuQuantWeight(w.qweight, w.scales, w.zeros.to(torch.int32), 4, 32, 32, 64)
     with pytest.raises(ValueError, match="qweight must be contiguous"):
-        CpuQuantWeight(w.qweight.transpose(0, 1).contiguous().transpose(0, 1), w.scales, w.zeros, 4, 32, 32, 64)
+        strided = w.qweight.transpose(0, 1).contiguous().transpose(0, 1)
+        CpuQuantWeight(strided, w.scales, w.zeros, 4, 32, 32, 64)
     with pytest.raises(ValueError, match="group_size"):
         CpuQuantWeight(w.qweight, w.scales, w.zeros, 4, 48, 32, 64)

@@ -53,7 +53,8 @@ def tolerance(x, w, out_dtype):
         tol = tol + 2.0 ** -8 * y_exact.abs()
     x64 = x.double()
     blocks = torch.nn.functional.pad(x64, (0, (-x.shape[1]) % 32)).unflatten(-1, (-1, 32))
-    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).flatten(-2)[:, :x.shape[1]]
+    half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).flatten(-2)
+    half_step = half_step[:, :x.shape[1]]
     y_true = x64 @ wd.T
     return y_exact, tol, y_true, tol + half_step @ wd.abs().T + 1e-12
 

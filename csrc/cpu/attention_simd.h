@@ -240,11 +240,12 @@ struct BcastTiles {
 template <class V>
 struct DotTiles {
   using Fn = decltype(&dot_tile<V, 1, 1>);
-  static constexpr Fn kTable[kTileRows][kTileVecs] = {
-      {&dot_tile<V, 1, 1>, &dot_tile<V, 1, 2>, &dot_tile<V, 1, 3>},
-      {&dot_tile<V, 2, 1>, &dot_tile<V, 2, 2>, &dot_tile<V, 2, 3>},
-      {&dot_tile<V, 3, 1>, &dot_tile<V, 3, 2>, &dot_tile<V, 3, 3>},
-      {&dot_tile<V, 4, 1>, &dot_tile<V, 4, 2>, &dot_tile<V, 4, 3>}};
+  template <int R, int C>
+  static constexpr Fn kTile = &dot_tile<V, R, C>;
+  static constexpr Fn kTable[kTileRows][kTileVecs] = {{kTile<1, 1>, kTile<1, 2>, kTile<1, 3>},
+                                                      {kTile<2, 1>, kTile<2, 2>, kTile<2, 3>},
+                                                      {kTile<3, 1>, kTile<3, 2>, kTile<3, 3>},
+                                                      {kTile<4, 1>, kTile<4, 2>, kTile<4, 3>}};
 };
 
 // C[rows, vecs*W] (+)= A[rows, steps] B[steps, vecs*W] with A read by broadcast (element (r, s)

@@ -46,15 +46,18 @@ struct Kernel {
     const __m256 zconst = _mm256_set1_ps(Bits == 4 ? 8.0f : 0.0f);
     for (int pass = 0; pass < 2 / H; ++pass) {
       for (int m = 0; m < MR; ++m)
-        for (int hh = 0; hh < H; ++hh) _mm256_storeu_ps(out[m] + 8 * (pass + hh), _mm256_setzero_ps());
+        for (int hh = 0; hh < H; ++hh)
+          _mm256_storeu_ps(out[m] + 8 * (pass + hh), _mm256_setzero_ps());
       const uint8_t* p = q + 32 * pass;
       for (int64_t g = 0; g < groups; ++g) {
         __m256 accg[H][MR];
         for (int m = 0; m < MR; ++m)
           for (int hh = 0; hh < H; ++hh) accg[hh][m] = _mm256_setzero_ps();
         for (int64_t c = g * gc; c < (g + 1) * gc; ++c, p += 64 * Bits) {
-          for (int line = 0; line < Bits; ++line)
-            _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+          for (int line = 0; line < Bits; ++line) {
+            const char* ahead = reinterpret_cast<const char*>(p + kPrefetchBytes + 64 * line);
+            _mm_prefetch(ahead, _MM_HINT_T0);
+          }
           __m256i acc[H][MR];
           for (int hh = 0; hh < H; ++hh)
             for (int m = 0; m < MR; ++m) acc[hh][m] = _mm256_setzero_si256();
@@ -70,9 +73,11 @@ struct Kernel {
             for (int m = 0; m < MR; ++m) {
               const int8_t* a = rows[m].q + 32 * c;
               __m256i sum = _mm256_setzero_si256();
-              for (int i = 0; i < 4; ++i)
-                sum = _mm256_add_epi16(sum, _mm256_add_epi16(_mm256_maddubs_epi16(lo[i], broadcast4(a + 4 * i)),
-                                                             _mm256_maddubs_epi16(hi[i], broadcast4(a + 16 + 4 * i))));
+              for (int i = 0; i < 4; ++i) {
+                const __m256i plo = _mm256_maddubs_epi16(lo[i], broadcast4(a + 4 * i));
+                const __m256i phi = _mm256_maddubs_epi16(hi[i], broadcast4(a + 16 + 4 * i));
+                sum = _mm256_add_epi16(sum, _mm256_add_epi16(plo, phi));
+              }
               acc[0][m] = _mm256_madd_epi16(sum, ones);
             }
           } else if constexpr (Bits == 4) {

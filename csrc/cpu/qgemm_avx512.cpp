@@ -50,7 +50,7 @@ struct Kernel {
       for (int m = 0; m < MR; ++m) accg[m] = _mm512_setzero_ps();
       for (int64_t c = g * gc; c < (g + 1) * gc; ++c, q += 64 * Bits) {
         for (int line = 0; line < Bits; ++line)
-          _mm_prefetch(reinterpret_cast<const char*>(q) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * line), _MM_HINT_T0);
         __m512i acc[MR];
         for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
         if constexpr (Bits == 4) {
@@ -71,8 +71,10 @@ struct Kernel {
               acc[m] = _mm512_dpbusd_epi32(acc[m], u, broadcast4(rows[m].q + 32 * c + 4 * j));
           }
         }
-        for (int m = 0; m < MR; ++m)
-          accg[m] = _mm512_fmadd_ps(_mm512_set1_ps(rows[m].d[c]), _mm512_cvtepi32_ps(acc[m]), accg[m]);
+        for (int m = 0; m < MR; ++m) {
+          const __m512 d = _mm512_set1_ps(rows[m].d[c]);
+          accg[m] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(acc[m]), accg[m]);
+        }
       }
       float corr[MR];  // activation-only, so summed outside the hot loop
       for (int m = 0; m < MR; ++m) {
@@ -80,7 +82,8 @@ struct Kernel {
         for (int64_t c = g * gc; c < (g + 1) * gc; ++c) corr[m] += rows[m].ds[c];
       }
       const __m512 sc = load_scales16(s + 16 * g, w.scale_dtype);
-      const __m512 zs = _mm512_mul_ps(sc, z ? _mm512_add_ps(load_zeros16(z + 16 * g), offset) : zconst);
+      const __m512 zero = z ? _mm512_add_ps(load_zeros16(z + 16 * g), offset) : zconst;
+      const __m512 zs = _mm512_mul_ps(sc, zero);
       for (int m = 0; m < MR; ++m)
         y[m] = _mm512_fmadd_ps(sc, accg[m], _mm512_fnmadd_ps(zs, _mm512_set1_ps(corr[m]), y[m]));
     }

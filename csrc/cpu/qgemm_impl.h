@@ -1,7 +1,7 @@
 // The tiling and threading of the quantized matmul and the MoE block, shared by every ISA path.
 // Each ISA file defines `Kernel` (the 16-row block micro-kernel) in an anonymous namespace inside
 // kimivl::KIMIVL_QGEMM_NS, then includes this header: the templates are instantiated per ISA with
-// that file's flags and have internal linkage, so the linker can never mix code of two ISAs.
+// that file's flags and have internal linkage, so the linker never merges kernels of two ISAs.
 //
 // Kernel::block<Bits, MR>(q, s, z, w, rows, out) must set out[m][r] (m < MR, r < 16) to
 // sum_k W[16b + r][k] * x_hat_m[k] for the row block b whose bytes start at q, s and z.
@@ -41,7 +41,8 @@ int64_t element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 // The kernels prefetch 4 KB ahead inside a contiguous run of blocks; where the next run starts
 // elsewhere (up after gate, the next expert), its first 4 KB are requested here, one step early.
 void prefetch_run(const QWeight& w, int64_t e, int64_t b) {
-  const char* p = reinterpret_cast<const char*>(w.q + e * w.expert_q_stride() + b * w.kc() * w.chunk_bytes());
+  const uint8_t* q = w.q + e * w.expert_q_stride() + b * w.kc() * w.chunk_bytes();
+  const char* p = reinterpret_cast<const char*>(q);
   for (int line = 0; line < 64; ++line) __builtin_prefetch(p + 64 * line);
 }
 

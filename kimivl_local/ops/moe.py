@@ -91,7 +91,8 @@ def _run(x, topk_weights, topk_ids, w13: CpuQuantWeight, w2: CpuQuantWeight) -> 
 
 @torch.library.custom_op("kimivl::moe_block", mutates_args=())
 def _moe_block_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  w13_qweight: torch.Tensor, w13_scales: torch.Tensor, w13_zeros: torch.Tensor | None,
+                  w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
+                  w13_zeros: torch.Tensor | None,
                   w13_bits: int, w13_group: int, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                   w2_zeros: torch.Tensor | None, w2_bits: int, w2_group: int) -> torch.Tensor:
     hidden, inter = x.shape[1], w2_qweight.shape[2] * 32

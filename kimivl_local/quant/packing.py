@@ -37,7 +37,7 @@ _SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """bits 4 or 8; group_size 32, 64, 128, ... along K, or None for per-channel; symmetric or not."""
+    """bits 4 or 8; group_size 32, 64, 128, ... along K, or None (per-channel); symmetric or not."""
 
     bits: int = 4
     group_size: int | None = 128
@@ -111,7 +111,8 @@ class PackedWeight:
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Tensors under their checkpoint names (prefix e.g. 'model.layers.0.mlp.up_proj.')."""
-        out = {prefix + "weight_packed": self.weight_packed, prefix + "weight_scale": self.weight_scale,
+        out = {prefix + "weight_packed": self.weight_packed,
+               prefix + "weight_scale": self.weight_scale,
                prefix + "weight_shape": self.weight_shape}
         if self.weight_zero_point is not None:
             out[prefix + "weight_zero_point"] = self.weight_zero_point
@@ -133,9 +134,10 @@ class PackedWeight:
     def validate(self) -> None:
         """Raise ValueError naming the tensor whose dtype or shape disagrees with weight_shape."""
         s = self.scheme
-        if self.weight_shape.dtype not in (torch.int64, torch.int32) or self.weight_shape.shape != (2,):
-            raise ValueError(f"weight_shape must be an int tensor [2], got {self.weight_shape.dtype} "
-                             f"{tuple(self.weight_shape.shape)}")
+        shape_t = self.weight_shape
+        if shape_t.dtype not in (torch.int64, torch.int32) or shape_t.shape != (2,):
+            raise ValueError(f"weight_shape must be an int tensor [2], got {shape_t.dtype} "
+                             f"{tuple(shape_t.shape)}")
         n, k = self.out_features, self.in_features
         lead = tuple(self.weight_packed.shape[:-2])
         expect = {
@@ -151,12 +153,13 @@ class PackedWeight:
             if t is None:
                 raise ValueError(f"{name} is required for an asymmetric scheme")
             if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)} for weight_shape [{n}, {k}], "
-                                 f"got {list(t.shape)}")
+                raise ValueError(f"{name} must have shape {list(shape)} for weight_shape "
+                                 f"[{n}, {k}], got {list(t.shape)}")
             if dtype is not None and t.dtype != dtype:
                 raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
         if self.weight_scale.dtype not in _SCALE_DTYPES:
-            raise ValueError(f"weight_scale must be one of {_SCALE_DTYPES}, got {self.weight_scale.dtype}")
+            raise ValueError(f"weight_scale must be one of {_SCALE_DTYPES}, got "
+                             f"{self.weight_scale.dtype}")
 
 
 def _words(n: int, bits: int) -> int:
@@ -275,7 +278,9 @@ def stack_experts(experts: list[PackedWeight]) -> PackedWeight:
     for p in experts:
         if p.scheme != first.scheme or not torch.equal(p.weight_shape, first.weight_shape):
             raise ValueError("stack_experts needs one scheme and one weight_shape")
-    zp = None if first.weight_zero_point is None else torch.stack([p.weight_zero_point for p in experts])
+    zp = None
+    if first.weight_zero_point is not None:
+        zp = torch.stack([p.weight_zero_point for p in experts])
     return PackedWeight(torch.stack([p.weight_packed for p in experts]),
                         torch.stack([p.weight_scale for p in experts]), first.weight_shape.clone(),
                         zp, first.scheme)
