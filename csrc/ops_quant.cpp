@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "cpu/qgemm.h"
+#include "cpu/repack.h"
 
 namespace py = pybind11;
 
@@ -62,4 +63,16 @@ void bind_quant_ops(py::module_& m) {
       py::call_guard<py::gil_scoped_release>(),
       "Routed experts: y[t] = sum_j weight[t, j] * down(silu(gate(x[t])) * up(x[t])) of expert "
       "topk_ids[t, j], for stacked weights in the CPU layout.");
+  m.def(
+      "repack_rows",
+      [](int64_t src, int64_t src_row_bytes, int64_t rows, int64_t k_valid, int bits, int64_t dst,
+         int64_t kc, int64_t row0, int num_threads) {
+        kimivl::repack_rows(kimivl::ptr<const uint8_t>(src), src_row_bytes, rows, k_valid, bits,
+                            kimivl::ptr<uint8_t>(dst), kc, row0, num_threads);
+      },
+      py::arg("src"), py::arg("src_row_bytes"), py::arg("rows"), py::arg("k_valid"),
+      py::arg("bits"), py::arg("dst"), py::arg("kc"), py::arg("row0"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Rows [row0, row0 + rows) of a CPU-layout qweight [NB, KC, 64 * bits] from on-disk "
+      "pack-quantized rows (kimivl_local/quant/cpu_layout.py).");
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,13 +14,16 @@ from .errors import InputError, TokenizerError
 from .generate import Engine, GenerationStats
 from .loader import load_model, resolve_model_path
 from .media import expand_media
+from .memory_plan import plan_memory
 from .multimodal import ImageEncoder, build_prompt, image_of
+from .ops._bridge import set_backend
 from .processor import ImageProcessor
 from .sampling import SamplingParams
 from .thinking import THINK_CLOSE, split_thinking
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_CONTEXT = 8192
+log = logging.getLogger("kimivl_local")
 
 
 class KimiVL:
@@ -41,7 +45,7 @@ class KimiVL:
 
     @property
     def device(self) -> torch.device:
-        return self.model.language_model.model.embed_tokens.weight.device
+        return self.model.language_model.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,27 +122,45 @@ def _drop_old_thinking(messages: list[dict]) -> list[dict]:
     return out
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-         max_context: int | None = None, max_image_tokens: int | None = None) -> KimiVL:
+         max_context: int | None = None, max_image_tokens: int | None = None, *,
+         gpu_memory: float | None = None, cpu_experts: int | None = None,
+         backend: str = "auto") -> KimiVL:
     """Load a Kimi-VL checkpoint folder (or a repo id from the local HF cache).
 
-    device: default CUDA when available, else CPU. dtype: default the checkpoint's (bf16).
+    device: "auto" (default: CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    dtype: default the checkpoint's (bf16).
     max_context: tokens the preallocated cache holds (default min(8192, the model's limit)).
     max_image_tokens: raw 14x14 patches per image before down-scaling (default: the
     preprocessor config's in_token_limit; lower it on slow machines).
+    gpu_memory: GB of GPU memory to plan for (default: what is free). cpu_experts: keep the
+    routed experts of that many MoE layers in host memory (GPU runs; auto picks as many as needed).
+    backend: "auto", "kernels" or "reference" (torch only: the debugging baseline); process-wide.
+    Memory is planned before any weight is read (kimivl_local.memory_plan); a plan that cannot
+    fit raises MemoryPlanError saying what to change. The plan is kept as `.memory_plan`.
     """
+    set_backend(backend)
     folder = resolve_model_path(path)
-    device = torch.device(device) if device is not None else default_device()
     tokenizer = Tokenizer.from_dir(folder)
-    model = load_model(folder, dtype=dtype, device=device)
+    processor = ImageProcessor(PreprocessorConfig.from_dir(folder), in_token_limit=max_image_tokens)
+    plans = []
+
+    def planner(model, config: KimiVLConfig, dtype: torch.dtype):
+        context = max_context or min(DEFAULT_MAX_CONTEXT, config.text.max_position_embeddings)
+        plan = plan_memory(model, config, dtype, device=str(device or "auto"),
+                           max_context=context, prefill_chunk=Engine.prefill_chunk,
+                           image_patches=processor.in_token_limit, gpu_memory_gb=gpu_memory,
+                           cpu_experts=cpu_experts)
+        log.info("memory plan: %s", plan.summary())
+        plans.append(plan)
+        return plan.placement
+
+    model = load_model(folder, dtype=dtype, planner=planner)
     if tokenizer.vocab_size > model.config.text.vocab_size:
         raise TokenizerError(f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model.config.text.vocab_size}")
     limit = model.config.text.max_position_embeddings
-    processor = ImageProcessor(PreprocessorConfig.from_dir(folder), in_token_limit=max_image_tokens)
-    return KimiVL(folder, model, tokenizer, GenerationConfig.from_dir(folder), processor,
+    kimi = KimiVL(folder, model, tokenizer, GenerationConfig.from_dir(folder), processor,
                   max_context or min(DEFAULT_MAX_CONTEXT, limit))
+    kimi.memory_plan = plans[0]
+    return kimi

@@ -15,6 +15,9 @@ from PIL import Image
 from .generate import Prompt
 from .multimodal import build_prompt
 from .perf import measure_bandwidth_gbps, peak_rss_bytes
+from .quant.modules import QuantExperts, QuantLinear
+
+QUANT_MODULES = (QuantExperts, QuantLinear)
 
 _TEXT = ("The quick brown fox jumps over the lazy dog while a curious robot reads a long report "
          "about memory bandwidth, mixture-of-experts routing and latent attention caches. ")
@@ -41,20 +44,27 @@ class BenchResult:
 
 
 def decode_bytes_per_token(model, context: int) -> int:
-    """Bytes one decode step reads: every language-model weight except the routed experts, of
-    which top-k of E per layer, one embedding row, and the latent cache up to `context`."""
+    """Bytes one decode step reads: every language-model weight (quantized ones as loaded)
+    except the routed experts, of which top-k of E per layer, one embedding row, and the latent
+    cache up to `context`."""
     lm = model.language_model
     cfg = lm.config
+    share = cfg.num_experts_per_tok / cfg.n_routed_experts
     total = 0
+    quantized = {name: m for name, m in lm.named_modules() if isinstance(m, QUANT_MODULES)}
+    for name, m in quantized.items():
+        total += m.nbytes() * (share if name.endswith(".mlp.experts") else 1)
     for name, t in itertools.chain(lm.named_parameters(), lm.named_buffers()):
+        if any(name.startswith(q + ".") for q in quantized):
+            continue  # counted above (their bias included)
         if "embed_tokens" in name:
             total += t.shape[-1] * t.element_size()
         elif ".mlp.experts." in name:
-            total += t.numel() * t.element_size() * cfg.num_experts_per_tok // cfg.n_routed_experts
+            total += t.numel() * t.element_size() * share
         else:
             total += t.numel() * t.element_size()
     latent = model.language_model.model.embed_tokens.weight.element_size()
-    return total + cfg.num_hidden_layers * context * cfg.latent_dim * latent
+    return int(total) + cfg.num_hidden_layers * context * cfg.latent_dim * latent
 
 
 def _text_ids(tokenizer, n: int) -> list[int]:
@@ -82,8 +92,10 @@ def _device_bandwidth_gbps(device: torch.device) -> float:
 
 
 def run_bench(spec: str, *, prompt_tokens: int = 512, gen_tokens: int = 64,
-              image_size: tuple[int, int] | None = (1024, 1024), device=None, dtype=None,
-              max_image_tokens: int | None = None) -> BenchResult:
+              image_size: tuple[int, int] | None = (1024, 1024), max_context: int | None = None,
+              **load_options) -> BenchResult:
+    """load_options: passed to kimivl_local.load (device, dtype, max_image_tokens, gpu_memory,
+    cpu_experts, backend)."""
     from . import load
 
     from .config import KimiVLConfig
@@ -91,10 +103,10 @@ def run_bench(spec: str, *, prompt_tokens: int = 512, gen_tokens: int = 64,
 
     limit = KimiVLConfig.from_dir(resolve_model_path(spec)).text.max_position_embeddings
     # Room for the text run and for an image of up to 16384 tokens (Thinking-2506's budget).
-    context = min(limit, max(prompt_tokens + gen_tokens + 1, 16384 if image_size else 0))
+    context = max_context or min(limit, max(prompt_tokens + gen_tokens + 1,
+                                            16384 if image_size else 0))
     t0 = time.perf_counter()
-    model = load(spec, device=device, dtype=dtype, max_image_tokens=max_image_tokens,
-                 max_context=context)
+    model = load(spec, max_context=context, **load_options)
     load_seconds = time.perf_counter() - t0
     dev, engine = model.device, model.engine
     if dev.type == "cuda":
@@ -167,10 +179,11 @@ def main_bench(args) -> int:
 
             raise InputError(f"--image must be WxH (e.g. 1024x1024) or none, got {args.image!r}") from None
         image = (w, h)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    from .cli import load_options
+
     result = run_bench(args.model or args.model_pos, prompt_tokens=args.prompt_tokens,
-                       gen_tokens=args.gen_tokens, image_size=image, device=args.device,
-                       dtype=dtype, max_image_tokens=args.max_image_tokens)
+                       gen_tokens=args.gen_tokens, image_size=image,
+                       max_context=args.max_context, **load_options(args))
     print(format_result(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

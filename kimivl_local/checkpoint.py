@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
 
@@ -98,7 +99,7 @@ class Checkpoint:
     def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
         self.path = path
         self.tensors = tensors
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> "Checkpoint":
@@ -138,15 +139,45 @@ class Checkpoint:
                                   f"({len(problems)} problem(s)):\n  {shown}{more}")
 
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor (on the CPU, in its stored dtype) from its mmapped shard."""
+        """One tensor (CPU, stored dtype) backed by its shard's mmap: no bytes are read or copied
+        until used. The mapping is private copy-on-write, so the file is never modified."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        with warnings.catch_warnings():  # frombuffer warns that the buffer is not resizable
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(self._map(info.file), dtype=info.dtype, count=info.numel,
+                                    offset=info.offset)
+        return flat.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor that was copied elsewhere (e.g. repacked) from this process'
+        memory; they stay in the OS file cache. Only whole pages inside the tensor are dropped,
+        and reading the tensor again just maps them back."""
+        info = self.tensors[name]
+        mm = self._maps.get(info.file)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            try:
+                with open(file, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as exc:
+                raise CheckpointError(f"cannot map {file}: {exc.strerror or exc}") from None
+            self._maps[file] = mm
+        return mm
 
     def close(self) -> None:
-        self._handles.clear()
+        """Forget the mappings; tensors already loaded keep theirs alive."""
+        self._maps.clear()
 
 
 def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:

@@ -88,9 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default="1024x1024", help="WxH of the image for time to first "
                    "token with an image, or none (default 1024x1024)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-image-tokens", type=int)
+    _runtime_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the chat app in your browser, plus an OpenAI-compatible API")
@@ -149,29 +147,43 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-context", type=int, help="tokens of context to allocate (default 8192)")
     p.add_argument("--max-image-tokens", type=int,
                    help="raw 14x14 patches per image before down-scaling (default: the model's "
                         "in_token_limit, 4096 for Instruct); lower is faster on slow machines")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="GPU memory to plan for (default: what is free on the device)")
+    p.add_argument("--cpu-experts", type=int, metavar="N",
+                   help="keep the routed experts of N MoE layers in host memory and run them on "
+                        "the CPU (for 6-8 GB GPUs; with --device auto, chosen when needed)")
+    p.add_argument("--backend", choices=["auto", "kernels", "reference"], default="auto",
+                   help="compiled kernels where available (auto), required (kernels), or torch "
+                        "only (reference: slow, for debugging)")
+
+
+def load_options(args) -> dict:
+    """kimivl_local.load keyword arguments from the runtime flags."""
+    import torch
+
+    return dict(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                max_image_tokens=args.max_image_tokens, gpu_memory=args.gpu_memory,
+                cpu_experts=args.cpu_experts, backend=args.backend)
 
 
 def _load(args):
-    import torch
-
     from . import load
 
     spec = args.model or args.model_pos
     if not spec:
         raise KimiVLError("no model given: pass a checkpoint folder or a Hugging Face repo id, "
                           "e.g. `kimivl-local chat --model moonshotai/Kimi-VL-A3B-Instruct`")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     t0 = time.perf_counter()
-    model = load(spec, device=args.device, dtype=dtype, max_context=args.max_context,
-                 max_image_tokens=args.max_image_tokens)
+    model = load(spec, max_context=args.max_context, **load_options(args))
     print(f"loaded {model.path} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+          f"in {time.perf_counter() - t0:.1f}s; {model.memory_plan.summary()}", file=sys.stderr)
     return model
 
 

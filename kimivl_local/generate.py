@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import LatentCache
+from .cuda_graph import DecodeGraph
 from .errors import ContextLengthError
 from .model.kimivl import KimiVLForConditionalGeneration
 from .sampling import Sampler, SamplingParams
@@ -69,9 +70,9 @@ class Engine:
         if not 0 < self.max_context <= limit:
             raise ContextLengthError(f"max context must be in 1..{limit} (got {self.max_context})")
         lm = self.model.language_model
-        weight = lm.model.embed_tokens.weight  # never quantized: the compute dtype and device
         self.cache = LatentCache(cfg.num_hidden_layers, self.max_context, cfg.latent_dim,
-                                 weight.dtype, weight.device)
+                                 lm.dtype, lm.device)
+        self.graph: DecodeGraph | bool | None = None  # None: not tried yet; False: not usable
 
     def check_fits(self, n_tokens: int) -> None:
         if n_tokens >= self.max_context:
@@ -105,13 +106,21 @@ class Engine:
 
     @torch.inference_mode()
     def decode_step(self, token: int) -> torch.Tensor:
-        """Append one token and return the next position's fp32 logits [vocab]."""
+        """Append one token and return the next position's fp32 logits [vocab]. On a GPU the
+        step is a CUDA graph, captured at the first call (cuda_graph.py) when the model allows."""
         lm = self.model.language_model
-        start = len(self.cache.tokens)
-        hidden = lm.hidden_states(lm.embed(torch.tensor([token], device=self.cache.device)),
-                                  self.cache.kv, start)
+        position = len(self.cache.tokens)
+        embeds = lm.embed(torch.tensor([token], device=self.cache.device))
+        if self.graph is None and self.cache.device.type == "cuda":
+            self.graph = DecodeGraph.capture(lm, self.cache.kv, position) or False
+        if self.graph:
+            logits = self.graph.run(embeds, position)
+        else:
+            lm.rope.ensure(position + 1, self.cache.device)
+            where = torch.tensor([position], dtype=torch.int64, device=self.cache.device)
+            logits = lm.logits(lm.decode_hidden(embeds, where, self.cache.kv))
         self.cache.append(token)
-        return lm.logits(hidden)[0]
+        return logits[0]
 
     def generate(self, prompt: Prompt | list[int], *, max_new_tokens: int,
                  sampling: SamplingParams, stop_ids: set[int]) -> Iterator[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,11 +15,15 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .config import KimiVLConfig
 from .errors import ModelNotFoundError
+from .memory_plan import Placement
 from .model.kimivl import KimiVLForConditionalGeneration, checkpoint_names
 from .quant.modules import swap_modules
 from .quant.qconfig import QuantizationConfig
 
 log = logging.getLogger("kimivl_local")
+
+# (meta-device model, config, dtype) -> where each part goes; raises when it cannot fit.
+Planner = Callable[[nn.Module, KimiVLConfig, torch.dtype], Placement]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -62,13 +67,15 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
         f"`huggingface-cli download {spec}`, or pass the checkpoint folder")
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> KimiVLForConditionalGeneration:
+def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+               planner: Planner | None = None) -> KimiVLForConditionalGeneration:
     """Validate the checkpoint at `path` against its config.json and load it.
 
     dtype: compute dtype (default: the checkpoint's, bf16); the router's correction bias stays fp32.
     A checkpoint with a quantization_config gets quantized layers (kimivl_local.quant.modules),
     swapped in before validation so the packed tensors are checked just as strictly.
+    planner: given the validated meta-device model, its config and dtype, says where each part
+    goes (memory_plan.py), or raises before any weight is read; default: all on `device`.
     """
     config = KimiVLConfig.from_dir(path)
     dtype = dtype or config.dtype
@@ -79,10 +86,11 @@ def load_model(path: Path, dtype: torch.dtype | None = None,
     quantized = swap_modules(model, config.text, qconfig) if qconfig else {}
     ckpt = Checkpoint.open(path)
     ckpt.validate(model.expected_checkpoint())
+    placement = planner(model, config, dtype) if planner else Placement(device)
     try:
-        fill_parameters(model, ckpt, dtype, device)
+        fill_parameters(model, ckpt, dtype, placement)
         for name, module in quantized.items():
-            module.load(ckpt.load, name, device, dtype)
+            module.load(ckpt, name, placement.device_of(name), dtype)
     finally:
         ckpt.close()
     if quantized:
@@ -94,10 +102,14 @@ def load_model(path: Path, dtype: torch.dtype | None = None,
 
 
 def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
-                    device: torch.device | str = "cpu", prefix: str = "") -> None:
+                    placement: Placement | torch.device | str, prefix: str = "") -> None:
     """Fill every parameter of `module` (named `prefix` + its name in the checkpoint) from
-    `ckpt`, in `dtype` except the router's fp32 correction bias."""
+    `ckpt`, in `dtype` except the router's fp32 correction bias, on its planned device (or
+    all on one device)."""
+    if not isinstance(placement, Placement):
+        placement = Placement(torch.device(placement))
     for name, param in list(module.named_parameters()):
+        device = placement.device_of(prefix + name)
         keep_fp32 = name.endswith("e_score_correction_bias")
         target = torch.float32 if keep_fp32 else dtype
         names = checkpoint_names(prefix + name, param.shape)
@@ -107,6 +119,7 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
             value = torch.empty(param.shape, dtype=target, device=device)
             for e, n in enumerate(names):
                 value[e].copy_(ckpt.load(n))
+                ckpt.release(n)
         _set_parameter(module, name, value)
 
 

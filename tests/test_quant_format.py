@@ -144,6 +144,45 @@ def test_cpu_layout_is_lossless(scheme, scale_dtype):
         assert torch.equal(cpu_layout.dequantize(w), dequantize(p))
 
 
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(8, 64, False),
+                                    QuantScheme(4, None, False), QuantScheme(8, None)], ids=_ids)
+def test_repack_kernel_matches_torch_converter(scheme, monkeypatch):
+    """_C.repack_rows writes the bytes of the torch converter, also for fused sources (gate rows
+    then up rows) whose boundary falls inside a 16-row block, and for per-channel K=200."""
+    from kimivl_local.ops import _bridge
+    if _bridge.kernel("repack_rows") is None:
+        pytest.skip("kimivl_local._C is not built")
+    torch.manual_seed(3)
+    k = 200 if scheme.group_size is None else 256
+    parts = [quantize_rtn(torch.randn(n, k, dtype=torch.bfloat16), scheme) for n in (21, 35)]
+
+    def build():
+        w = cpu_layout.allocate(56, k, scheme, torch.bfloat16, num_experts=2)
+        for e in range(2):
+            cpu_layout.fill_rows(w, parts[0], 0, e)
+            cpu_layout.fill_rows(w, parts[1], 21, e)
+        return w
+
+    fast = build()
+    real_kernel = _bridge.kernel
+    monkeypatch.setattr(_bridge, "kernel",
+                        lambda name: None if name == "repack_rows" else real_kernel(name))
+    slow = build()
+    assert torch.equal(fast.qweight, slow.qweight)
+    assert torch.equal(fast.scales, slow.scales)
+    assert fast.zeros is None or torch.equal(fast.zeros, slow.zeros)
+    expect = torch.cat([dequantize(p) for p in parts])
+    assert torch.equal(cpu_layout.dequantize(fast), torch.stack([expect, expect]))
+
+
+def test_fill_rows_refuses_what_does_not_fit():
+    w = cpu_layout.allocate(32, 64, QuantScheme(4, 32), torch.bfloat16)
+    with pytest.raises(ValueError, match="rows 20..39 outside 0..31"):
+        cpu_layout.fill_rows(w, quantize_rtn(torch.randn(20, 64), QuantScheme(4, 32)), 20)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_layout.fill_rows(w, quantize_rtn(torch.randn(8, 64), QuantScheme(8, 32)))
+
+
 def test_cpu_layout_fp32_scales_become_fp16():
     p = quantize_rtn(torch.randn(16, 64), QuantScheme(4, 32), scale_dtype=torch.float32)
     w = to_cpu_layout(p)

@@ -46,7 +46,7 @@ class KimiVLForConditionalGeneration(nn.Module):
             raise InputError(f"the prompt has {n_slots} image placeholder tokens but the images "
                              f"give {n_features} features")
         if n_slots:
-            embeds[slots] = torch.cat(features).to(embeds.dtype)
+            embeds[slots] = torch.cat(features).to(embeds.device, embeds.dtype)
         return embeds
 
     def expected_checkpoint(self) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:

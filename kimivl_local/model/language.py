@@ -21,8 +21,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size,
                                                                    cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache=None, start=0, position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -43,8 +43,19 @@ class LanguageModel(nn.Module):
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryTable(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the layers compute (the embeddings may stay in host memory: memory_plan.py)."""
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        """Token embeddings, on the table's device (host memory on a GPU run: the forward
+        moves them)."""
+        return self.model.embed_tokens(input_ids.to(self.model.embed_tokens.weight.device))
 
     def hidden_states(self, embeds: torch.Tensor, cache: torch.Tensor | None = None,
                       start: int = 0) -> torch.Tensor:
@@ -53,11 +64,22 @@ class LanguageModel(nn.Module):
         cache: [num_layers, capacity, latent_dim] latent buffer (written at [start, start+T)),
         or None for a cache-free forward from position 0.
         """
-        positions = torch.arange(start, start + embeds.shape[0], device=embeds.device)
+        positions = torch.arange(start, start + embeds.shape[0], device=self.device)
         cos, sin = self.rope.get(positions)
-        x = embeds
+        x = embeds.to(self.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], start)
+        return self.model.norm(x)
+
+    def decode_hidden(self, embeds: torch.Tensor, position: torch.Tensor,
+                      cache: torch.Tensor) -> torch.Tensor:
+        """One token: embeds [1, hidden] at position[0] (a device tensor [1], int64) ->
+        final-normed hidden [1, hidden]. Nothing here reads a device value on the host, so a
+        CUDA graph can capture it (the rope table must already reach the position: ensure())."""
+        cos, sin = self.rope.get(position, grow=False)
+        x = embeds.to(self.device)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache[i], position=position)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -55,15 +55,20 @@ class RotaryTable:
         self.max_positions = max_positions
         self._cos = self._sin = torch.empty(0, dim // 2, device="cpu")
 
-    def get(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, dim/2] in fp32 for integer positions [T]."""
-        need = int(positions.max()) + 1
-        if need > self._cos.shape[0] or self._cos.device != positions.device:
+    def get(self, positions: torch.Tensor, grow: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, dim/2] in fp32 for integer positions [T]. grow=False skips the size
+        check, which reads the positions on the host (a sync): the caller has called ensure()."""
+        if grow:
+            self.ensure(int(positions.max()) + 1, positions.device)
+        return self._cos.index_select(0, positions), self._sin.index_select(0, positions)
+
+    def ensure(self, need: int, device: torch.device) -> None:
+        """Make the table hold positions 0..need-1 on `device`."""
+        if need > self._cos.shape[0] or self._cos.device != device:
             size = min(self.max_positions, max(need, 2 * self._cos.shape[0], 4096))
-            t = torch.arange(size, dtype=torch.float32, device=positions.device)
-            freqs = torch.outer(t, self.inv_freq.to(positions.device))
+            t = torch.arange(size, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, self.inv_freq.to(device))
             self._cos, self._sin = freqs.cos(), freqs.sin()
-        return self._cos[positions], self._sin[positions]
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

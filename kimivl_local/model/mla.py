@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import TextConfig
 from .layers import RMSNorm, apply_rope_interleaved, linear
 
@@ -31,11 +32,14 @@ class MLAttention(nn.Module):
         self.o_proj = linear(self.num_heads * self.v_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+                cache: torch.Tensor | None = None, start: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, hidden] at positions start..start+T-1; cos/sin [T, rope_dim/2].
 
         cache: this layer's [capacity, rank + rope_dim] latent buffer, or None for a cache-free
         forward over x alone (then start must be 0). New latents are written at [start, start+T).
+        position: instead of start, for one token (T = 1) with a cache: its position as a device
+        tensor [1], so the step never reads a device value on the host (CUDA-graph capturable).
         """
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.nope_dim + self.rope_dim)
@@ -43,6 +47,10 @@ class MLAttention(nn.Module):
         q_pe = apply_rope_interleaved(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], -1)
+        if position is not None:
+            cache.index_copy_(0, position, latent.to(cache.dtype))
+            out = self.attend_cache(q_nope, q_pe, cache, position + 1)
+            return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
         if cache is not None:
             cache[start:start + t] = latent
             latent = cache[:start + t]
@@ -53,8 +61,18 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
     def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk [H, nope, rank], W_uvᵀ [H, rank, v]) in fp32, contiguous. On the CPU they are converted once
+        and kept (8 MB a layer): converting 4 MB of bf16 on every decode step costs more than the
+        attention itself. On a GPU the conversion is cheap and memory is not."""
+        cached = self.__dict__.get("_kv_b_fp32")
+        if cached is not None and cached[0] is self.kv_b_proj.weight:
+            return cached[1]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
-        return w[:, :self.nope_dim], w[:, self.nope_dim:]  # W_uk [H,128,r], W_uv [H,128,r]
+        split = (w[:, :self.nope_dim].float().contiguous(),
+                 w[:, self.nope_dim:].transpose(1, 2).float().contiguous())
+        if w.device.type == "cpu":
+            self.__dict__["_kv_b_fp32"] = (self.kv_b_proj.weight, split)
+        return split
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         start: int) -> torch.Tensor:
@@ -75,9 +93,15 @@ class MLAttention(nn.Module):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         start: int) -> torch.Tensor:
-        """Absorbed form over the raw latents, in fp32: q [T,H,*], latent [S, rank+rope]."""
+        """Absorbed form over the raw latents, in fp32: q [T,H,*], latent [S, rank+rope].
+
+        One token goes through attend_cache; several (only tests ask) write the math out with a
+        causal mask."""
         t, s = q_nope.shape[0], latent.shape[0]
-        w_uk, w_uv = (w.float() for w in self._split_kv_b())
+        if t == 1:
+            return self.attend_cache(q_nope, q_pe, latent,
+                                     torch.tensor([s], dtype=torch.int64, device=latent.device))
+        w_uk, w_uv_t = self._split_kv_b()
         lat = latent.float()
         c_kv, k_pe = lat[:, :self.rank], lat[:, self.rank:]
         q_lat = torch.einsum("thd,hdr->thr", q_nope.float(), w_uk)
@@ -86,7 +110,19 @@ class MLAttention(nn.Module):
         if t > 1:
             scores = scores.masked_fill(~causal_mask(t, s, start, scores.device)[:, None], -torch.inf)
         o_lat = torch.einsum("ths,sr->thr", scores.softmax(-1), c_kv)
-        return torch.einsum("thr,hdr->thd", o_lat, w_uv).to(q_nope.dtype)
+        return torch.einsum("thr,hrd->thd", o_lat, w_uv_t).to(q_nope.dtype)
+
+
+    def attend_cache(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                     seq_len: torch.Tensor) -> torch.Tensor:
+        """One query token over the first seq_len[0] rows of `cache` [capacity, rank + rope],
+        absorbed, via `ops.mla_decode` (the cache as stored, bf16 or fp32, never copied)."""
+        w_uk, w_uv_t = self._split_kv_b()
+        q_lat = torch.bmm(q_nope.float().transpose(0, 1), w_uk)  # [H, 1, rank]
+        o_lat = ops.mla_decode(q_lat.transpose(0, 1), q_pe.float(), cache[None], seq_len,
+                               scale=self.scale)  # [1, H, rank] fp32
+        out = torch.bmm(o_lat.transpose(0, 1), w_uv_t)  # [H, 1, v]
+        return out.transpose(0, 1).to(q_nope.dtype)
 
 
 def causal_mask(t: int, s: int, start: int, device) -> torch.Tensor:

@@ -51,6 +51,10 @@ class StackedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, h), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.gate_proj.device
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return experts_forward(x, weights, ids, self.gate_proj, self.up_proj, self.down_proj)
 
@@ -91,5 +95,10 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        where = self.experts.device
+        if where == x.device:
+            routed = self.experts(x, weights, ids)
+        else:  # experts kept in host memory (--cpu-experts): run them there, on the CPU kernels
+            routed = self.experts(x.to(where), weights.to(where), ids.to(where)).to(x.device)
         # Shared experts are added unweighted and unscaled.
-        return self.experts(x, weights, ids) + self.shared_experts(x)
+        return routed + self.shared_experts(x)

@@ -23,7 +23,6 @@ class LearnedPosEmb2D(nn.Module):
     def __init__(self, height: int, width: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(height, width, dim))
-        nn.init.normal_(self.weight)
 
     def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         table = self.weight.permute(2, 0, 1).unsqueeze(0)  # [1, dim, H0, W0]

@@ -25,10 +25,35 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+BACKENDS = ("auto", "kernels", "reference")
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Process-wide: "auto" runs the compiled kernels where they exist and torch elsewhere;
+    "kernels" is the same but insists on the extension; "reference" runs every op's torch
+    reference (for debugging and as the baseline the kernels are measured against)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "kernels" and extension() is None:
+        raise RuntimeError("--backend kernels needs the compiled extension kimivl_local._C, which "
+                           "is not installed (reinstall without KIMIVL_SKIP_EXT, or use --backend "
+                           "auto or reference)")
+    _backend = name
+
+
+def backend() -> str:
+    return _backend
+
+
 def kernel(name: str) -> Callable | None:
-    """``_C.<name>``, or None when the extension is missing or was built without it."""
+    """``_C.<name>``, or None when the extension is missing, was built without it, or the
+    reference backend is selected."""
     ext = extension()
-    return getattr(ext, name, None) if ext is not None else None
+    if ext is None or _backend == "reference":
+        return None
+    return getattr(ext, name, None)
 
 
 def check_tensor(name: str, t, dtypes: Sequence[torch.dtype], shape: Sequence[int | None],

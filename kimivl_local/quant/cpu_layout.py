@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import PackedWeight, unpack
+from .packing import PackedWeight, QuantScheme, unpack_int32
 
 ROWS = 16  # output rows per block
 CHUNK = 32  # K per chunk (also the activation quantization block)
@@ -109,40 +109,94 @@ def _padded(k: int) -> int:
     return -(-k // CHUNK) * CHUNK
 
 
-def _scale_dtype(scale: torch.Tensor) -> torch.dtype:
-    if scale.dtype in (torch.bfloat16, torch.float16):
-        return scale.dtype
-    nonzero = scale[scale != 0].abs()
-    fits = nonzero.numel() == 0 or (nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
+def scale_dtype_for(*scales: torch.Tensor) -> torch.dtype:
+    """The layout's 16-bit scale dtype for these on-disk scales (all of one weight, e.g. every
+    expert): bf16/fp16 stay as they are; fp32 becomes fp16 when every nonzero scale is in fp16's
+    normal range, else bf16."""
+    if scales[0].dtype in (torch.bfloat16, torch.float16):
+        return scales[0].dtype
+    fits = True
+    for scale in scales:
+        nonzero = scale[scale != 0].abs()
+        fits &= nonzero.numel() == 0 or bool(nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
     return torch.float16 if fits else torch.bfloat16
 
 
-def to_cpu_layout(packed: PackedWeight) -> CpuQuantWeight:
-    """Repack [N, K] or stacked [E, N, K] on-disk tensors into the CPU kernel layout, one expert
-    at a time (bounded extra memory)."""
+def allocate(out_features: int, in_features: int, scheme: QuantScheme, scale_dtype: torch.dtype,
+             num_experts: int | None = None) -> CpuQuantWeight:
+    """An unfilled weight in the layout (huge pages where offered), padding rows already zero;
+    `fill_rows` writes the real rows."""
+    if scheme.group_size is not None and scheme.group_size % CHUNK:
+        raise ValueError(f"the CPU kernels need group_size to be a multiple of {CHUNK}, "
+                         f"got {scheme.group_size}")
+    n, k = out_features, in_features
+    group = _padded(k) if scheme.group_size is None else scheme.group_size
+    lead = () if num_experts is None else (num_experts,)
+    nb, kc, g = -(-n // ROWS), _padded(k) // CHUNK, _padded(k) // group
+    qweight = _empty(lead + (nb, kc, 64 * scheme.bits), torch.uint8)
+    scales = _empty(lead + (nb, g, ROWS), scale_dtype)
+    zeros = None if scheme.symmetric else _empty(lead + (nb, g, ROWS), torch.int8)
+    if n % ROWS:  # the last block's padding rows: weight 0, scale 0
+        qweight[..., nb - 1, :, :].zero_()
+        for t in (scales, zeros):
+            if t is not None:
+                t[..., nb - 1, :, n % ROWS:].zero_()
+    return CpuQuantWeight(qweight, scales, zeros, scheme.bits, group, n, k)
+
+
+def fill_rows(dst: CpuQuantWeight, packed: PackedWeight, row0: int = 0,
+              expert: int | None = None) -> None:
+    """Write one on-disk [n, K] weight into rows row0..row0+n-1 of `dst` (of expert `expert` of a
+    stacked dst). The quantized values go through `_C.repack_rows` straight from the (mmapped)
+    source in one pass; without the extension, through the torch converter."""
     s = packed.scheme
     n, k = packed.out_features, packed.in_features
-    if s.group_size is not None and s.group_size % CHUNK:
-        raise ValueError(f"the CPU kernels need group_size to be a multiple of {CHUNK}, "
-                         f"got {s.group_size}")
+    if (s.bits, packed.weight_packed.dim()) != (dst.bits, 2) or k != dst.in_features:
+        raise ValueError(f"fill_rows: a {s.bits}-bit [{n}, {k}] weight does not fit a "
+                         f"{dst.bits}-bit layout of in_features {dst.in_features}")
+    if not 0 <= row0 <= dst.out_features - n:
+        raise ValueError(f"fill_rows: rows {row0}..{row0 + n - 1} outside 0..{dst.out_features - 1}")
+    if (dst.zeros is None) != s.symmetric:
+        raise ValueError("fill_rows: symmetric and asymmetric schemes do not mix in one weight")
+    at = () if expert is None else (expert,)
+    qweight, scales, zeros = (None if t is None else t[at] for t in (dst.qweight, dst.scales,
+                                                                      dst.zeros))
     packed.validate()
-    group = _padded(k) if s.group_size is None else s.group_size
-    lead = tuple(packed.weight_packed.shape[:-2])
-    nb, kc, g = -(-n // ROWS), _padded(k) // CHUNK, _padded(k) // group
-    sdtype = _scale_dtype(packed.weight_scale)
-    qweight = _empty(lead + (nb, kc, 64 * s.bits), torch.uint8)
-    scales = _empty(lead + (nb, g, ROWS), sdtype)
-    zeros = None if s.symmetric else _empty(lead + (nb, g, ROWS), torch.int8)
+    from ..ops._bridge import kernel, num_threads  # here: ops imports this module
+    repack = kernel("repack_rows")
+    if repack is not None:
+        src = packed.weight_packed.contiguous()
+        repack(src.data_ptr(), src.shape[1] * 4, n, k, s.bits, qweight.data_ptr(),
+               qweight.shape[1], row0, num_threads())
+    else:
+        _fill_rows_torch(qweight, packed, row0)
+    _write_rows(scales, row0, packed.weight_scale.to(scales.dtype))
+    if zeros is not None:
+        zero = unpack_int32(packed.weight_zero_point, s.bits, n, dim=-2)
+        _write_rows(zeros, row0, (zero.to(torch.int16) + (8 if s.bits == 4 else 0)).to(torch.int8))
+
+
+def to_cpu_layout(packed: PackedWeight) -> CpuQuantWeight:
+    """Repack [N, K] or stacked [E, N, K] on-disk tensors into the CPU kernel layout."""
+    lead = packed.weight_packed.shape[:-2]
+    w = allocate(packed.out_features, packed.in_features, packed.scheme,
+                 scale_dtype_for(packed.weight_scale), lead[0] if lead else None)
     for e in range(lead[0] if lead else 1):
         at = (e,) if lead else ()
-        zp = None if s.symmetric else packed.weight_zero_point[at]
-        one = PackedWeight(packed.weight_packed[at], packed.weight_scale[at], packed.weight_shape,
-                           zp, s)
-        parts = _convert(*unpack(one), s.bits, not s.symmetric, sdtype)
-        for dst, part in zip((qweight, scales, zeros), parts):
-            if dst is not None:
-                dst[at].copy_(part)
-    return CpuQuantWeight(qweight, scales, zeros, s.bits, group, n, k)
+        zp = None if packed.weight_zero_point is None else packed.weight_zero_point[at]
+        fill_rows(w, PackedWeight(packed.weight_packed[at], packed.weight_scale[at],
+                                  packed.weight_shape, zp, packed.scheme), 0, e if lead else None)
+    return w
+
+
+def _write_rows(t: torch.Tensor, row0: int, values: torch.Tensor) -> None:
+    """scales/zeros t [NB, G, 16] hold row n's group g at [n // 16, g, n % 16]: write
+    values [n, G] as rows row0..row0+n-1, rebuilding only the blocks they touch."""
+    b0, b1 = row0 // ROWS, -(-(row0 + values.shape[0]) // ROWS)
+    blocks = t[b0:b1].transpose(-1, -2).contiguous()  # [b, 16, G]
+    flat = blocks.view(-1, t.shape[-2])
+    flat[row0 - b0 * ROWS:row0 - b0 * ROWS + values.shape[0]] = values
+    t[b0:b1] = blocks.transpose(-1, -2)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -157,34 +211,31 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps buf alive
 
 
-def _convert(q, scale, zero, bits, asym, sdtype):
-    """One [N, K] slice: int8 q, fp32 scale [N, G], int8 zero [N, G] -> (qweight, scales, zeros),
-    possibly strided views, copied into place by the caller."""
-    n, k = q.shape
-    nb, kp = -(-n // ROWS), _padded(k)
-    kc = kp // CHUNK
-    pad_rows = nb * ROWS - n
+def _fill_rows_torch(qweight: torch.Tensor, packed: PackedWeight, row0: int) -> None:
+    """What `_C.repack_rows` does, in torch (no extension; also its test oracle): the whole
+    blocks that rows row0..row0+n-1 touch are rebuilt from their current bytes plus the new rows."""
+    bits = packed.scheme.bits
+    nb, kc = qweight.shape[:2]
+    n, k = packed.out_features, packed.in_features
+    b0, b1 = row0 // ROWS, -(-(row0 + n) // ROWS)
+    q = unpack_int32(packed.weight_packed, bits, k)
     if bits == 4:
-        u = torch.zeros(nb * ROWS, kp, dtype=torch.uint8)
-        u[:n, :k] = (q.to(torch.int16) + 8).to(torch.uint8)
-        # [b, r, c, half, i, t] -> [b, c, half, i, r, t]; k = 32c + 16 half + 4i + t
-        u = u.view(nb, ROWS, kc, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
-        qweight = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(nb, kc, 256)
+        # stored byte 64i + 4r + t of chunk c = u[32c + 4i + t] | u[32c + 16 + 4i + t] << 4
+        cur = qweight[b0:b1].view(b1 - b0, kc, 4, ROWS, 4)
+        u = torch.stack((cur & 0xF, cur >> 4), dim=2)  # [b, c, half, i, r, t]
+        u = u.permute(0, 4, 1, 2, 3, 5).reshape((b1 - b0) * ROWS, kc * CHUNK)
+        u[row0 - b0 * ROWS:row0 - b0 * ROWS + n] = 0
+        u[row0 - b0 * ROWS:row0 - b0 * ROWS + n, :k] = (q.to(torch.int16) + 8).to(torch.uint8)
+        u = u.view(b1 - b0, ROWS, kc, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
+        qweight[b0:b1] = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(b1 - b0, kc, 256)
     else:
-        v = torch.zeros(nb * ROWS, kp, dtype=torch.int8)
-        v[:n, :k] = q
-        # [b, r, c, j, t] -> [b, c, j, r, t]; k = 32c + 4j + t
-        qweight = v.view(torch.uint8).view(nb, ROWS, kc, 8, 4).permute(0, 2, 3, 1, 4)
-        qweight = qweight.reshape(nb, kc, 512)
-    g = scale.shape[-1]
-    scales = torch.nn.functional.pad(scale, (0, 0, 0, pad_rows)).to(sdtype)
-    scales = scales.view(nb, ROWS, g).transpose(1, 2)
-    zeros = None
-    if asym:
-        z = zero.to(torch.int16) + (8 if bits == 4 else 0)
-        zeros = torch.nn.functional.pad(z, (0, 0, 0, pad_rows)).to(torch.int8)
-        zeros = zeros.view(nb, ROWS, g).transpose(1, 2)
-    return qweight, scales, zeros
+        # stored byte 64j + 4r + t of chunk c = q[32c + 4j + t]
+        cur = qweight[b0:b1].view(torch.int8).view(b1 - b0, kc, 8, ROWS, 4)
+        v = cur.permute(0, 3, 1, 2, 4).reshape((b1 - b0) * ROWS, kc * CHUNK)
+        v[row0 - b0 * ROWS:row0 - b0 * ROWS + n] = 0
+        v[row0 - b0 * ROWS:row0 - b0 * ROWS + n, :k] = q
+        v = v.view(b1 - b0, ROWS, kc, 8, 4).permute(0, 2, 3, 1, 4)
+        qweight[b0:b1] = v.reshape(b1 - b0, kc, 512).view(torch.uint8)
 
 
 def dequantize(w: CpuQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -15,7 +15,6 @@ experts whose gate and up differ or that are only partly quantized).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +22,15 @@ from torch import nn
 
 from .. import ops
 from ..ops._bridge import kernel
+from ..checkpoint import Checkpoint
 from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.moe import StackedExperts, experts_forward
+from . import cpu_layout
 from .cpu_layout import CHUNK, to_cpu_layout
-from .packing import PackedWeight, QuantScheme, concat_out_features, dequantize, stack_experts
+from .packing import PackedWeight, QuantScheme, dequantize
 from .qconfig import QuantizationConfig
 
-Reader = Callable[[str], torch.Tensor]  # checkpoint tensor name -> tensor
 Expected = dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -67,9 +67,11 @@ def packed_expected(prefix: str, out_features: int, in_features: int,
             for suffix, shape in packed_shapes(out_features, in_features, scheme).items()}
 
 
-def read_packed(read: Reader, prefix: str, scheme: QuantScheme, shape: tuple[int, int]) -> PackedWeight:
-    """One quantized weight from the checkpoint, checked against the module's [out, in]."""
-    tensors = {f"{prefix}.{n}": read(f"{prefix}.{n}") for n in packed_shapes(*shape, scheme)}
+def read_packed(ckpt: Checkpoint, prefix: str, scheme: QuantScheme,
+                shape: tuple[int, int]) -> PackedWeight:
+    """One quantized weight from the checkpoint (mmapped, not copied), checked against the
+    module's [out, in]."""
+    tensors = {f"{prefix}.{n}": ckpt.load(f"{prefix}.{n}") for n in packed_shapes(*shape, scheme)}
     try:
         packed = PackedWeight.from_state_dict(tensors, scheme, prefix + ".")
     except ValueError as exc:
@@ -78,6 +80,19 @@ def read_packed(read: Reader, prefix: str, scheme: QuantScheme, shape: tuple[int
         raise CheckpointError(f"{prefix}.weight_shape is {[packed.out_features, packed.in_features]}, "
                               f"expected {list(shape)}")
     return packed
+
+
+def release_packed(ckpt: Checkpoint, prefix: str, scheme: QuantScheme,
+                   shape: tuple[int, int]) -> None:
+    for suffix in packed_shapes(*shape, scheme):
+        ckpt.release(f"{prefix}.{suffix}")
+
+
+def quantized_bytes(out_features: int, in_features: int, scheme: QuantScheme) -> int:
+    """Memory of one weight in the kernels' layout: values, 16-bit scales, 8-bit zeros."""
+    groups = scheme.num_groups(in_features)
+    per_row = in_features * scheme.bits // 8 + groups * (2 if scheme.symmetric else 3)
+    return out_features * per_row
 
 
 def kernel_supports(op: str, scheme: QuantScheme, device: torch.device) -> bool:
@@ -101,16 +116,29 @@ class QuantLinear(nn.Module):
     def expected_checkpoint(self, prefix: str) -> Expected:
         return packed_expected(prefix, self.out_features, self.in_features, self.scheme)
 
-    def load(self, read: Reader, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
-        packed = read_packed(read, prefix, self.scheme, (self.out_features, self.in_features))
+    def load(self, ckpt: Checkpoint, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
+        packed = read_packed(ckpt, prefix, self.scheme, (self.out_features, self.in_features))
         if kernel_supports("quant_matmul", self.scheme, device) and not self.dense_at_load:
             self.qweight = to_cpu_layout(packed)
         else:
             self.weight = dequantize(packed, dtype).to(device)
+        release_packed(ckpt, prefix, self.scheme, (self.out_features, self.in_features))
+
+    def resident_bytes(self, device: torch.device, dtype: torch.dtype) -> int:
+        """Memory `load` will hold on `device` (the memory planner asks before loading)."""
+        bias = self.out_features * dtype.itemsize if self.bias is not None else 0
+        if kernel_supports("quant_matmul", self.scheme, device) and not self.dense_at_load:
+            return quantized_bytes(self.out_features, self.in_features, self.scheme) + bias
+        return self.out_features * self.in_features * dtype.itemsize + bias
 
     @property
     def on_kernel(self) -> bool:
         return self.qweight is not None
+
+    def nbytes(self) -> int:
+        """Bytes of the loaded weight (what one forward reads)."""
+        w = self.qweight.nbytes() if self.qweight is not None else _tensor_bytes(self.weight)
+        return w + _tensor_bytes(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
@@ -158,31 +186,77 @@ class QuantExperts(nn.Module):
                 and kernel_supports("moe_block", down, device)
                 and self.shapes["down_proj"][1] % CHUNK == 0)
 
-    def load(self, read: Reader, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
-        weights = {}
-        for proj, scheme in self.schemes.items():
-            names = [f"{prefix}.{e}.{proj}" for e in range(self.num_experts)]
-            if scheme is None:
-                weights[proj] = torch.stack([read(f"{n}.weight") for n in names])
-            else:
-                weights[proj] = stack_experts([read_packed(read, n, scheme, self.shapes[proj])
-                                               for n in names])
-        gate, up, down = (weights[p] for p in EXPERT_PROJS)
+    def load(self, ckpt: Checkpoint, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
         if self._kernel_ok(device):
-            self.w13 = to_cpu_layout(concat_out_features([gate, up]))
-            self.w2 = to_cpu_layout(down)
-        else:
-            self.dense = tuple((w if isinstance(w, torch.Tensor) else dequantize(w, dtype))
-                               .to(device=device, dtype=dtype) for w in (gate, up, down))
+            self._load_cpu_layout(ckpt, prefix)
+            return
+        dense = []
+        for proj in EXPERT_PROJS:
+            scheme, shape = self.schemes[proj], self.shapes[proj]
+            w = torch.empty(self.num_experts, *shape, dtype=dtype, device=device)
+            for e in range(self.num_experts):
+                name = f"{prefix}.{e}.{proj}"
+                if scheme is None:
+                    w[e] = ckpt.load(f"{name}.weight")
+                    ckpt.release(f"{name}.weight")
+                else:
+                    w[e] = dequantize(read_packed(ckpt, name, scheme, shape), dtype)
+                    release_packed(ckpt, name, scheme, shape)
+            dense.append(w)
+        self.dense = tuple(dense)
+
+    def _load_cpu_layout(self, ckpt: Checkpoint, prefix: str) -> None:
+        """Each expert's gate, up and down go from the mmapped file straight into place in the
+        stacked layout (gate rows then up rows of w13), and their file pages are dropped after."""
+        gate, down = self.schemes["gate_proj"], self.schemes["down_proj"]
+        (i, h), e_count = self.shapes["gate_proj"], self.num_experts
+        names = {proj: [f"{prefix}.{e}.{proj}" for e in range(e_count)] for proj in EXPERT_PROJS}
+        scale_dtypes = {proj: cpu_layout.scale_dtype_for(
+            *(ckpt.load(f"{n}.weight_scale") for n in names[proj])) for proj in EXPERT_PROJS}
+        w13_scale = scale_dtypes["gate_proj"]
+        if scale_dtypes["up_proj"] != w13_scale:
+            w13_scale = torch.bfloat16  # fp16 and bf16 scales in one weight: bf16 holds both
+        self.w13 = cpu_layout.allocate(2 * i, h, gate, w13_scale, e_count)
+        self.w2 = cpu_layout.allocate(h, i, down, scale_dtypes["down_proj"], e_count)
+        for e in range(e_count):
+            for proj, dst, row0 in (("gate_proj", self.w13, 0), ("up_proj", self.w13, i),
+                                    ("down_proj", self.w2, 0)):
+                name, shape = names[proj][e], self.shapes[proj]
+                cpu_layout.fill_rows(dst, read_packed(ckpt, name, self.schemes[proj], shape),
+                                     row0, e)
+                release_packed(ckpt, name, self.schemes[proj], shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.w13.qweight.device if self.w13 is not None else self.dense[0].device
+
+    def resident_bytes(self, device: torch.device, dtype: torch.dtype) -> int:
+        """Memory `load` will hold on `device` (the memory planner asks before loading)."""
+        total = 0
+        for proj, (n, k) in self.shapes.items():
+            scheme = self.schemes[proj]
+            quantized = self._kernel_ok(device) and scheme is not None
+            total += quantized_bytes(n, k, scheme) if quantized else n * k * dtype.itemsize
+        return total * self.num_experts
 
     @property
     def on_kernel(self) -> bool:
         return self.w13 is not None
 
+    def nbytes(self) -> int:
+        """Bytes of all loaded experts."""
+        if self.w13 is not None:
+            return self.w13.nbytes() + self.w2.nbytes()
+        return sum(_tensor_bytes(t) for t in self.dense)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             return experts_forward(x, weights, ids, *self.dense)
         return ops.moe_block(x.contiguous(), weights.float(), ids, self.w13, self.w2)
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def swap_modules(model: nn.Module, text: TextConfig,

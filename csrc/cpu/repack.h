@@ -1,0 +1,18 @@
+// Loading a quantized checkpoint: the on-disk compressed-tensors rows (kimivl_local/quant/
+// packing.py) rewritten into the CPU kernels' block layout (kimivl_local/quant/cpu_layout.py)
+// in one pass, straight from the mmapped file into the destination.
+#pragma once
+#include <cstdint>
+
+namespace kimivl {
+
+// Writes rows [row0, row0 + rows) of one [NB, KC, 64 * bits] destination weight from `rows`
+// on-disk rows of `src_row_bytes` bytes each (int4: 2 values per byte, low nibble first;
+// int8: one byte; both stored as q + 2^(bits-1)). Values at k >= k_valid are written as
+// padding (int4 nibble 0, int8 q = 0), as cpu_layout.py's torch converter does.
+// Rows of the destination outside the range are left untouched, so several sources (gate, up)
+// can fill one fused weight.
+void repack_rows(const uint8_t* src, int64_t src_row_bytes, int64_t rows, int64_t k_valid,
+                 int bits, uint8_t* dst, int64_t kc, int64_t row0, int num_threads);
+
+}  // namespace kimivl
