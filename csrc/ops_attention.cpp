@@ -7,6 +7,7 @@
 #include <array>
 
 #include "cpu/attention.h"
+#include "cpu/head_gemv.h"
 
 namespace py = pybind11;
 
@@ -82,4 +83,23 @@ void bind_attention_ops(py::module_& m) {
       "Absorbed MLA decode: q_lat [B, H, rank] and q_pe [B, H, rope] fp32, cache [B, capacity, "
       "rank + rope] fp32 or bf16 (last dim contiguous), seq_lens int64 [B], out fp32 [B, H, "
       "rank]; (batch, head/token) strides in elements.");
+
+  m.def(
+      "head_gemv",
+      [](int64_t x, int64_t w, int w_dtype, int64_t y, int64_t heads, int64_t k, int64_t n,
+         int64_t x_head, int64_t y_head, int num_threads) {
+        kimivl::HeadGemvParams p;
+        p.x = kimivl::ptr<const float>(x);
+        p.w = kimivl::ptr<const void>(w);
+        p.w_dtype = static_cast<kimivl::DType>(w_dtype);
+        p.y = kimivl::ptr<float>(y);
+        p.heads = heads, p.k = k, p.n = n, p.x_head = x_head, p.y_head = y_head;
+        p.num_threads = num_threads;
+        kimivl::head_gemv(p);
+      },
+      py::call_guard<py::gil_scoped_release>(), py::kw_only(), py::arg("x"), py::arg("w"),
+      py::arg("w_dtype"), py::arg("y"), py::arg("heads"), py::arg("k"), py::arg("n"),
+      py::arg("x_head"), py::arg("y_head"), py::arg("num_threads"),
+      "y[h, :] = x[h, :] . w[h] for x fp32 [H, K], w [H, K, N] fp32 or bf16 (contiguous), "
+      "y fp32 [H, N]; row strides in elements.");
 }

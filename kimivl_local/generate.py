@@ -6,6 +6,7 @@ earlier turns of a chat, images included) only prefills its new suffix.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from .cache import LatentCache
 from .cuda_graph import DecodeGraph
 from .errors import ContextLengthError
 from .model.kimivl import KimiVLForConditionalGeneration
+from .ops._bridge import torch_single_threaded
 from .sampling import Sampler, SamplingParams
 
 
@@ -118,7 +120,9 @@ class Engine:
         else:
             lm.rope.ensure(position + 1, self.cache.device)
             where = torch.tensor([position], dtype=torch.int64, device=self.cache.device)
-            logits = lm.logits(lm.decode_hidden(embeds, where, self.cache.kv))
+            on_cpu = self.cache.device.type == "cpu"
+            with torch_single_threaded() if on_cpu else contextlib.nullcontext():
+                logits = lm.logits(lm.decode_hidden(embeds, where, self.cache.kv))
         self.cache.append(token)
         return logits[0]
 

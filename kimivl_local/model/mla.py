@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.head_gemv import head_gemv
 from ..config import TextConfig
 from .layers import RMSNorm, apply_rope_interleaved, linear
 
@@ -61,17 +62,17 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
     def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_uk [H, nope, rank], W_uvᵀ [H, rank, v]) in fp32, contiguous. On the CPU they are converted once
-        and kept (8 MB a layer): converting 4 MB of bf16 on every decode step costs more than the
-        attention itself. On a GPU the conversion is cheap and memory is not."""
-        cached = self.__dict__.get("_kv_b_fp32")
+        """(W_uk [H, nope, rank], W_uvᵀ [H, rank, v]) in kv_b_proj's dtype. On the CPU they are
+        made contiguous once and kept (4 MB a layer in bf16) for `head_gemv`; on a GPU they are
+        views (torch.bmm reads them strided at full speed)."""
+        cached = self.__dict__.get("_kv_b_split")
         if cached is not None and cached[0] is self.kv_b_proj.weight:
             return cached[1]
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
-        split = (w[:, :self.nope_dim].float().contiguous(),
-                 w[:, self.nope_dim:].transpose(1, 2).float().contiguous())
+        split = w[:, :self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
         if w.device.type == "cpu":
-            self.__dict__["_kv_b_fp32"] = (self.kv_b_proj.weight, split)
+            split = tuple(t.contiguous() for t in split)
+            self.__dict__["_kv_b_split"] = (self.kv_b_proj.weight, split)
         return split
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
@@ -101,7 +102,7 @@ class MLAttention(nn.Module):
         if t == 1:
             return self.attend_cache(q_nope, q_pe, latent,
                                      torch.tensor([s], dtype=torch.int64, device=latent.device))
-        w_uk, w_uv_t = self._split_kv_b()
+        w_uk, w_uv_t = (w.float() for w in self._split_kv_b())
         lat = latent.float()
         c_kv, k_pe = lat[:, :self.rank], lat[:, self.rank:]
         q_lat = torch.einsum("thd,hdr->thr", q_nope.float(), w_uk)
@@ -118,11 +119,10 @@ class MLAttention(nn.Module):
         """One query token over the first seq_len[0] rows of `cache` [capacity, rank + rope],
         absorbed, via `ops.mla_decode` (the cache as stored, bf16 or fp32, never copied)."""
         w_uk, w_uv_t = self._split_kv_b()
-        q_lat = torch.bmm(q_nope.float().transpose(0, 1), w_uk)  # [H, 1, rank]
-        o_lat = ops.mla_decode(q_lat.transpose(0, 1), q_pe.float(), cache[None], seq_len,
+        q_lat = head_gemv(q_nope[0].float(), w_uk)  # [H, rank]
+        o_lat = ops.mla_decode(q_lat[None], q_pe.float(), cache[None], seq_len,
                                scale=self.scale)  # [1, H, rank] fp32
-        out = torch.bmm(o_lat.transpose(0, 1), w_uv_t)  # [H, 1, v]
-        return out.transpose(0, 1).to(q_nope.dtype)
+        return head_gemv(o_lat[0], w_uv_t)[None].to(q_nope.dtype)  # [1, H, v]
 
 
 def causal_mask(t: int, s: int, start: int, device) -> torch.Tensor:
