@@ -111,7 +111,7 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
     for name, param in list(module.named_parameters()):
         device = placement.device_of(prefix + name)
         keep_fp32 = name.endswith("e_score_correction_bias")
-        target = torch.float32 if keep_fp32 else dtype
+        target = torch.float32 if keep_fp32 else placement.dtype_of(prefix + name, dtype)
         names = checkpoint_names(prefix + name, param.shape)
         if len(names) == 1:
             value = ckpt.load(names[0]).to(device=device, dtype=target)

@@ -24,6 +24,7 @@ GiB = 1 << 30
 # CUDA context, cuBLAS workspace and allocator slack that no tensor accounts for.
 CUDA_RESERVE = 600 << 20
 EMBEDDINGS = "language_model.model.embed_tokens.weight"
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 
 
 class MemoryPlanError(KimiVLError):
@@ -38,6 +39,16 @@ class Placement:
     device: torch.device
     embeddings_on_host: bool = False
     cpu_expert_layers: tuple[int, ...] = ()
+    # On the CPU, MoonViT and the projector compute in fp32: torch's CPU bf16 matmul runs ~4x
+    # slower than fp32 on CPUs without AVX512-BF16/AMX (measured 8 vs 33 GFLOP/s on 2 AVX2 cores)
+    # and the tower is 0.4 B parameters, so an image's time to first token is worth 0.8 GB.
+    vision_fp32: bool = False
+
+    def dtype_of(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype parameter `name` is held in, for a model computing in `dtype`."""
+        if self.vision_fp32 and name.startswith(VISION_PREFIXES):
+            return torch.float32
+        return dtype
 
     def device_of(self, name: str) -> torch.device:
         """The device of the parameter or module called `name` (checkpoint naming)."""
@@ -94,9 +105,10 @@ class MemoryPlan:
         return "; ".join(lines + self.notes)
 
 
-def module_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+def module_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                 placement: Placement | None = None) -> dict[str, int]:
     """Resident bytes of each parameter or quantized module of the meta-device `model`, by name,
-    as `load_model` will hold them on `device`."""
+    as `load_model` will hold them on `device` (in `placement`'s dtypes when given)."""
     from .quant.modules import QuantExperts, QuantLinear
 
     sizes, skip = {}, set()
@@ -108,7 +120,8 @@ def module_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device) -> 
         if any(name.startswith(prefix) for prefix in skip):
             if not name.endswith(".bias"):
                 continue
-        itemsize = 4 if name.endswith("e_score_correction_bias") else dtype.itemsize
+        held = placement.dtype_of(name, dtype) if placement else dtype
+        itemsize = 4 if name.endswith("e_score_correction_bias") else held.itemsize
         sizes[name] = param.numel() * itemsize
     return sizes
 
@@ -165,14 +178,16 @@ def plan_memory(model: nn.Module, config: KimiVLConfig, dtype: torch.dtype, *, d
         raise MemoryPlanError(f"--cpu-experts {cpu_experts}: the model has only "
                               f"{len(moe_layers)} MoE layers")
 
-    sizes = module_bytes(model, dtype, compute)
+    cpu_placement = Placement(compute, vision_fp32=dtype.itemsize < 4)
+    sizes = module_bytes(model, dtype, compute,
+                         cpu_placement if compute.type == "cpu" else None)
     cpu_sizes = module_bytes(model, dtype, torch.device("cpu")) if compute.type == "cuda" else sizes
     kv = text.num_hidden_layers * max_context * text.latent_dim * dtype.itemsize
     act = activation_bytes(config, max_context, prefill_chunk, image_patches, compute)
     host_total = _host_total() if host_total is None else host_total
 
     if compute.type == "cpu":
-        plan = MemoryPlan(Placement(compute), sum(sizes.values()), 0, kv, act, None, host_total)
+        plan = MemoryPlan(cpu_placement, sum(sizes.values()), 0, kv, act, None, host_total)
         if host_total is not None and plan.device_total > host_total:
             raise MemoryPlanError(
                 f"the model needs about {_gb(plan.device_total)} of memory ({plan.summary()}) "

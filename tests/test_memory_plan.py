@@ -110,7 +110,7 @@ def test_impossible_settings_are_refused(bf16_full, kw, message):
 
 def test_cpu_plan_refuses_more_than_the_machine_has(bf16_full):
     p = plan(*bf16_full, device="cpu", host_total=64 * GiB)
-    assert p.placement == Placement(torch.device("cpu"))
+    assert p.placement == Placement(torch.device("cpu"), vision_fp32=True)
     with pytest.raises(MemoryPlanError, match=r"this machine has 24.00 GB\. Use a quantized"):
         plan(*bf16_full, device="cpu", host_total=24 * GiB)
 
@@ -130,6 +130,10 @@ def test_planned_bytes_match_what_loading_holds(quantized):
     """The planner's weight bytes are what the loaded model holds (CPU layout pads N to 16 and K
     to 32, which the plan does not count: within 2% here)."""
     api = kimivl_local.load(quantized("default"), device="cpu")
+    # bf16 model on the CPU: the vision tower and projector are held in fp32 (Placement.vision_fp32)
+    assert api.model.vision_tower.patch_embed.proj.weight.dtype == torch.float32
+    assert api.model.multi_modal_projector.linear_1.weight.dtype == torch.float32
+    assert api.model.language_model.model.norm.weight.dtype == torch.bfloat16
     held = 0
     seen = set()
     for name, m in api.model.named_modules():
