@@ -77,20 +77,30 @@ class MLAttention(nn.Module):
 
     def attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         start: int) -> torch.Tensor:
-        """Expand-then-attend: q [T,H,*], latent [S, rank+rope] with S = start+T -> [T,H,v_dim]."""
+        """Expand-then-attend: q [T,H,*], latent [S, rank+rope] with S = start+T -> [T,H,v_dim].
+
+        On the CPU the expansion and attention run in fp32 (torch's CPU bf16 matmul and
+        attention are several times slower than fp32 without AVX512-BF16); a prompt starting at
+        position 0 goes through `ops.varlen_attention` (causal, O(T) memory), a later chunk
+        through SDPA with an explicit mask over the cached positions."""
         t, s = q_nope.shape[0], latent.shape[0]
-        c_kv, k_pe = latent.split([self.rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(c_kv).view(s, self.num_heads, self.nope_dim + self.v_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        compute = torch.float32 if latent.device.type == "cpu" else latent.dtype
+        c_kv, k_pe = latent.to(compute).split([self.rank, self.rope_dim], dim=-1)
+        kv = F.linear(c_kv, self.kv_b_proj.weight.to(compute))
+        k_nope, v = kv.view(s, self.num_heads, self.nope_dim + self.v_dim).split(
+            [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(s, self.num_heads, self.rope_dim)], -1)
-        q = torch.cat([q_nope, q_pe], -1)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        q = torch.cat([q_nope, q_pe], -1).to(compute)
         if start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            bounds = torch.tensor([0, t], dtype=torch.int32, device=q.device)
+            out = ops.varlen_attention(q, k, v, bounds, causal=True, scale=self.scale,
+                                       max_seqlen=t)
         else:
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
             mask = causal_mask(t, s, start, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return out.transpose(0, 1)
+            out = out.transpose(0, 1)
+        return out.to(q_nope.dtype)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                         start: int) -> torch.Tensor:
@@ -120,8 +130,8 @@ class MLAttention(nn.Module):
         absorbed, via `ops.mla_decode` (the cache as stored, bf16 or fp32, never copied)."""
         w_uk, w_uv_t = self._split_kv_b()
         q_lat = head_gemv(q_nope[0].float(), w_uk)  # [H, rank]
-        o_lat = ops.mla_decode(q_lat[None], q_pe.float(), cache[None], seq_len,
-                               scale=self.scale)  # [1, H, rank] fp32
+        o_lat = ops.mla_decode(q_lat[None], q_pe.float(), cache[None], seq_len, scale=self.scale,
+                               max_seq_len=cache.shape[0])  # [1, H, rank] fp32
         return head_gemv(o_lat[0], w_uv_t)[None].to(q_nope.dtype)  # [1, H, v]
 
 

@@ -91,12 +91,14 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
         n = x.shape[0]
         # wqkv rows are [q heads | k heads | v heads].
         q, k, v = self.wqkv(self.norm0(x)).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        attn = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=self.head_dim ** -0.5)
+        attn = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=self.head_dim ** -0.5,
+                                max_seqlen=max_seqlen)
         x = x + self.wo(attn.reshape(n, -1))
         return x + self.mlp(self.norm1(x))
 
@@ -107,9 +109,10 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, cu_seqlens, freqs)
+            x = block(x, cu_seqlens, freqs, max_seqlen)
         return self.final_layernorm(x)
 
 
@@ -142,7 +145,7 @@ class MoonViT(nn.Module):
         lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
         cu_seqlens = lengths.cumsum(0).to(device=x.device, dtype=torch.int32)
         freqs = rope_2d_freqs(grids, self.cfg.head_dim, x.device)
-        x = self.encoder(x, cu_seqlens, freqs)
+        x = self.encoder(x, cu_seqlens, freqs, max(h * w for h, w in grids))  # no sync on CUDA
         return patch_merge(x, grids, self.cfg.merge_kernel_size)
 
     def _check(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[tuple[int, int]]:

@@ -1,11 +1,17 @@
 """Variable-length (packed) attention: several independent sequences in one [T, H, D] tensor.
 
 `varlen_attention` is the single entry point used by the model (MoonViT: one bidirectional
-sequence per image; text prefill: causal). It runs the compiled CPU kernel (`_C.varlen_attention`:
-online softmax over key blocks, fp32 accumulation) for float32/bfloat16 CPU tensors, and one torch
-SDPA call per sequence otherwise (no extension, other dtypes or devices). It is the custom op
-``kimivl::varlen_attention`` (forward only, no autograd) so torch.compile sees one opaque call.
-`varlen_attention_reference` is the test oracle.
+sequence per image; text prefill: causal). It runs
+- on the CPU, the compiled kernel (`_C.varlen_attention`: online softmax over key blocks, fp32
+  accumulation) for float32/bfloat16 tensors;
+- on CUDA, the compiled FlashAttention-2-style kernel (`_C.cuda_varlen_attention`: tensor cores,
+  fp32 online softmax) for float16 and bfloat16 (bfloat16 needs compute capability 8.0+) with
+  head dims <= 256. It never reads device values on the host when `max_seqlen` is given, so it can
+  be captured in a CUDA graph;
+- one torch SDPA call per sequence otherwise (no extension, float32/float64 on CUDA, bfloat16 on
+  pre-Ampere GPUs, other devices): that path reads cu_seqlens on the host.
+It is the custom op ``kimivl::varlen_attention`` (forward only, no autograd) so torch.compile sees
+one opaque call. `varlen_attention_reference` is the test oracle.
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ from ._bridge import DTYPE_CODES, kernel, num_threads
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_MAX_HEAD_DIM = 256
+_CUDA_MAX_GRID_YZ = 65535  # heads and sequences are grid dimensions y and z
 
 
-def _check_args(q, k, v, cu_seqlens, causal, scale) -> list[int]:
-    """Validate the arguments (messages name the argument) and return cu_seqlens as a list."""
+def _check_args(q, k, v, cu_seqlens, causal, scale,
+                read_values: bool = True) -> list[int] | None:
+    """Validate the arguments (messages name the argument) and return cu_seqlens as a list.
+
+    With read_values=False the values of cu_seqlens are not read (no host sync): only types,
+    shapes, dtypes and devices are checked, and None is returned."""
     for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -53,6 +66,8 @@ def _check_args(q, k, v, cu_seqlens, causal, scale) -> list[int]:
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not read_values:
+        return None
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must start at 0 and end at T = {q.shape[0]}, "
@@ -63,27 +78,75 @@ def _check_args(q, k, v, cu_seqlens, causal, scale) -> list[int]:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     *, causal: bool, scale: float) -> torch.Tensor:
+                     *, causal: bool, scale: float, max_seqlen: int | None = None) -> torch.Tensor:
     """Attention inside each packed sequence; no token attends across a sequence boundary.
 
     q:          [T, H, Dqk] float16/bfloat16/float32/float64, last dim contiguous (any token and
                 head strides: views of a fused qkv need no copy); float32/bfloat16 on the CPU run
-                the compiled kernel, with fp32 arithmetic
+                the compiled kernel, with fp32 arithmetic; float16/bfloat16 on CUDA run the CUDA
+                kernel (Dqk, Dv <= 256; bfloat16 on compute capability 8.0+)
     k:          [T, H, Dqk] same dtype and device as q
     v:          [T, H, Dv]  same dtype and device as q (Dv may differ from Dqk)
     cu_seqlens: [n + 1] int32/int64 on q's device; sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]
-                (0 first, T last, non-decreasing; empty sequences are allowed)
+                (0 first, T last, non-decreasing; empty sequences are allowed). On the CPU these
+                are checked; on CUDA they are not read on the host (garbage in, garbage out)
     causal:     query j of a sequence sees keys 0..j of that sequence only
     scale:      multiplier of q·k before the softmax (usually Dqk ** -0.5)
+    max_seqlen: CUDA only (ignored elsewhere): an upper bound of the sequence lengths, which sizes
+                the kernel's grid; query rows past it are not computed, so it must be >= every
+                length. Pass it (the model knows it from the image grids / prompt lengths) to avoid
+                the one host sync that computes it from cu_seqlens when it is None, and to capture
+                the call in a CUDA graph (a fixed bound; zero-length padding sequences are free)
     returns:    [T, H, Dv] in q's dtype
     """
-    _check_args(q, k, v, cu_seqlens, causal, scale)
-    return _varlen_attention_op(q, k, v, cu_seqlens, causal, float(scale))
+    on_cuda = isinstance(q, torch.Tensor) and q.device.type == "cuda"
+    _check_args(q, k, v, cu_seqlens, causal, scale, read_values=not on_cuda)
+    if on_cuda and not _cuda_kernel_applies(q, v, cu_seqlens):
+        _check_args(q, k, v, cu_seqlens, causal, scale)  # the fallback reads them anyway
+    if max_seqlen is None:
+        max_seqlen = -1
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+    return _varlen_attention_op(q, k, v, cu_seqlens, causal, float(scale), max_seqlen)
+
+
+def _cuda_kernel_applies(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> bool:
+    """Whether `_C.cuda_varlen_attention` takes these (host-side facts only, no sync)."""
+    if q.device.type != "cuda" or q.dtype not in _CUDA_KERNEL_DTYPES:
+        return False
+    if not (1 <= q.shape[2] <= _CUDA_MAX_HEAD_DIM and 1 <= v.shape[2] <= _CUDA_MAX_HEAD_DIM):
+        return False
+    if q.shape[1] > _CUDA_MAX_GRID_YZ or cu_seqlens.numel() - 1 > _CUDA_MAX_GRID_YZ:
+        return False
+    if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False  # no bf16 tensor cores before Ampere: the SDPA path takes it
+    return kernel("cuda_varlen_attention") is not None
+
+
+def _cuda_varlen(q, k, v, cu_seqlens, causal, scale, max_seqlen) -> torch.Tensor:
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    cu = cu_seqlens.to(torch.int32).contiguous()  # no copy when already int32 and contiguous
+    if max_seqlen < 0:  # the one host sync, only when the caller did not pass a bound
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+    if out.numel() == 0 or max_seqlen == 0:
+        return out
+    with torch.cuda.device(q.device):
+        kernel("cuda_varlen_attention")(
+            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+            dtype=DTYPE_CODES[q.dtype], cu_seqlens=cu.data_ptr(), num_seqs=cu.numel() - 1,
+            max_seqlen=max_seqlen, heads=q.shape[1], head_dim=q.shape[2], v_dim=v.shape[2],
+            q_strides=q.stride()[:2], k_strides=k.stride()[:2], v_strides=v.stride()[:2],
+            out_strides=out.stride()[:2], causal=causal, scale=scale,
+            stream=torch.cuda.current_stream(q.device).cuda_stream)
+    return out
 
 
 @torch.library.custom_op("kimivl::varlen_attention", mutates_args=())
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cu_seqlens: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+                         cu_seqlens: torch.Tensor, causal: bool, scale: float,
+                         max_seqlen: int = -1) -> torch.Tensor:
+    if _cuda_kernel_applies(q, v, cu_seqlens):
+        return _cuda_varlen(q, k, v, cu_seqlens, causal, scale, max_seqlen)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     run = kernel("varlen_attention")
     if (run is not None and q.device.type == "cpu" and q.dtype in _KERNEL_DTYPES
@@ -107,7 +170,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, causal, scale):
+def _(q, k, v, cu_seqlens, causal, scale, max_seqlen=-1):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
