@@ -1,6 +1,7 @@
-"""CPU kernel benchmarks on Kimi-VL's real shapes, next to torch and the machine's bandwidth.
+"""Kernel benchmarks on Kimi-VL's real shapes, next to torch and the machine's bandwidth.
 
-    python bench/kernels.py [--json FILE] [--threads N] [--filter TEXT] [--quick]
+    python bench/kernels.py [--device cpu|cuda] [--json FILE] [--threads N] [--filter TEXT]
+                            [--quick]
 
 Prints one row per case and, with --json, writes one record per case:
   {op, backend, isa, shape, seconds, gbps, gflops, ceiling_gbps, torch_seconds,
@@ -14,6 +15,14 @@ Compare ratios within one run: on shared machines absolute times are noise.
 
 Cases come from CASE_BUILDERS: a builder takes the parsed arguments and returns Case objects, so
 new ops (e.g. attention) add one function to that list.
+
+--device cuda runs the same cases through the CUDA kernels (CudaQuantWeight) and writes the same
+records with backend "cuda" and isa = the GPU's name: each time is the best, over rounds, of the
+mean of 10 back-to-back calls timed with CUDA events (the calls rotate over weight copies, or
+disjoint experts, adding up to at least 256 MB so that nothing is served from L2);
+ceiling_gbps is a device-to-device copy_ of a 1 GB buffer timed the same way in the same rounds,
+counting its read and write traffic; torch_seconds is cuBLAS bf16 F.linear on the dequantized
+weights (for the MoE block, the dense bf16 expert loop); torch_fp32_seconds is not measured.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch.nn.functional as F
 from kimivl_local.ext import build_info
 from kimivl_local.ops import moe_block, quant_matmul
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
+from kimivl_local.quant import cuda_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
 HIDDEN, EXPERT_I, SHARED_I, EXPERTS, TOP_K = 2048, 1408, 2816, 64, 6
@@ -151,6 +161,108 @@ def moe_cases(args) -> list[Case]:
 CASE_BUILDERS: list[Callable[[argparse.Namespace], list[Case]]] = [quant_matmul_cases, moe_cases]
 
 
+def cuda_weight(shape, scheme) -> cuda_layout.CudaQuantWeight:
+    return cuda_layout.to_cuda_layout(random_weight(shape, scheme), "cuda")
+
+
+def cuda_quant_matmul_cases(args) -> list[Case]:
+    cases = []
+    for (name, n, k), (sname, scheme), m in itertools.product(
+            [("q_proj", 3072, HIDDEN), ("o_proj", HIDDEN, HIDDEN), ("lm_head", 163840, HIDDEN)],
+            SCHEMES.items(), [1, 8, 512]):
+        if m > 1 and args.quick:
+            continue
+        ws = [cuda_weight((n, k), scheme)]
+        ws += [cuda_weight((n, k), scheme) for _ in range(copies_for(ws[0].nbytes()) - 1)]
+        x = torch.randn(m, k, device="cuda").bfloat16()
+        bf16 = [cuda_layout.dequantize(w, torch.bfloat16) for w in ws[:copies_for(n * k * 2)]]
+        cases.append(Case(
+            "quant_matmul", f"{name} {sname} M={m} N={n} K={k}",
+            rotating([lambda w=w, x=x: quant_matmul(x, w) for w in ws]), ws[0].nbytes(),
+            2.0 * m * n * k, rotating([lambda d=d, x=x: F.linear(x, d) for d in bf16]),
+            reps=20 if m < 512 else 5))
+    return cases
+
+
+def cuda_moe_cases(args) -> list[Case]:
+    cases = []
+    scheme = SCHEMES["int4-g128"]
+    for name, e, k, inter in [("routed experts", EXPERTS, TOP_K, EXPERT_I),
+                              ("shared experts", 1, 1, SHARED_I)]:
+        def stack():
+            return (cuda_weight((e, 2 * inter, HIDDEN), scheme),
+                    cuda_weight((e, HIDDEN, inter), scheme))
+
+        quant = [stack()]
+        per_expert = sum(w.nbytes() for w in quant[0]) // e
+        if e == 1:  # one expert: rotate over weight copies instead
+            quant += [stack() for _ in range(copies_for(per_expert) - 1)]
+        dense = [tuple(cuda_layout.dequantize(w, torch.bfloat16) for w in ws)
+                 for ws in quant[:2]]  # shared by the cases of this block
+        for m in [1] if args.quick else [1, 8, 512]:
+            x = torch.randn(m, HIDDEN, device="cuda").bfloat16()
+            g = torch.Generator().manual_seed(m)
+            if m == 1 and e > 1:  # consecutive calls take disjoint experts: each is cold again
+                routes = [torch.tensor([[(k * i + j) % e for j in range(k)]]) for i in range(32)]
+            else:
+                routes = [torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])]
+            touched = per_expert * int(routes[0].unique().numel())
+            calls = [(torch.rand(r.shape, device="cuda"), r.cuda()) for r in routes]
+
+            def runs(fn, weights, x=x, calls=calls):
+                n = max(len(calls), len(weights))
+                return rotating([lambda i=i: fn(x, *calls[i % len(calls)],
+                                                *weights[i % len(weights)]) for i in range(n)])
+
+            cases.append(Case(
+                "moe_block", f"{name} E={e} top-{k} {HIDDEN}<->{inter} int4-g128 M={m}",
+                runs(moe_block, quant), touched, 2.0 * m * k * 3 * HIDDEN * inter,
+                runs(_torch_moe, dense), reps=20 if m < 512 else 5))
+    return cases
+
+
+CUDA_CASE_BUILDERS: list[Callable[[argparse.Namespace], list[Case]]] = [
+    cuda_quant_matmul_cases, cuda_moe_cases]
+
+
+class CopyBandwidth:
+    """Device-to-device copy of a 1 GB buffer: read plus write traffic is the GPU's ceiling."""
+
+    def __init__(self):
+        self.src = torch.ones(256 << 20, device="cuda")
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self):
+        return self.dst.copy_(self.src)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.src.numel() * 4
+
+
+def gpu_times(fns: dict[str, Callable[[], object]], reps: int, inner: int = 10,
+              budget_s: float = 60.0) -> dict:
+    """Per function, the best over rounds of the mean of `inner` back-to-back calls, timed with
+    CUDA events (round-robin, one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    best, start = dict.fromkeys(fns, float("inf")), time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            n = 1 if name == "bw" else inner
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(n):
+                fn()
+            t1.record()
+            t1.synchronize()
+            best[name] = min(best[name], t0.elapsed_time(t1) / 1e3 / n)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
 class Bandwidth:
     """Read bandwidth of a 256 MB reduce: the ceiling, probed between the timed calls so that it
     sees the same load from other processes as they do."""
@@ -187,19 +299,31 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--filter", default="", help="only cases whose op or shape contains this")
     parser.add_argument("--quick", action="store_true", help="decode shapes only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the CPU kernels (default); cuda: the CUDA kernels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["KIMIVL_NUM_THREADS"] = str(args.threads)
     info = build_info()
-    isa = os.environ.get("KIMIVL_ISA") or info.get("cpu_isa_selected") or "none (torch reference)"
     torch.manual_seed(0)
-    probe = Bandwidth()
-    print(f"threads {args.threads}, isa {isa}, load average {os.getloadavg()[0]:.2f}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no CUDA device")
+        isa = torch.cuda.get_device_name()
+        if not info.get("cuda"):
+            isa += " (no CUDA kernels in _C: torch reference)"
+        probe, builders, timer = CopyBandwidth(), CUDA_CASE_BUILDERS, gpu_times
+    else:
+        isa = (os.environ.get("KIMIVL_ISA") or info.get("cpu_isa_selected")
+               or "none (torch reference)")
+        probe, builders, timer = Bandwidth(), CASE_BUILDERS, best_times
+    where = "" if args.device == "cpu" else f"device {args.device}, "
+    print(f"{where}threads {args.threads}, isa {isa}, load average {os.getloadavg()[0]:.2f}")
     head = (f"{'op':13} {'shape':58} {'ms':>9} {'GB/s':>6} {'ceil':>5} {'%bw':>4} {'GFLOP/s':>8} "
             f"{'bf16 ms':>9} {'fp32 ms':>9} {'x bf16':>6} {'x fp32':>6}")
     print(head + "\n" + "-" * len(head))
     records = []
-    for builder in CASE_BUILDERS:
+    for builder in builders:
         for case in builder(args):
             if args.filter and args.filter not in f"{case.op} {case.shape}":
                 continue
@@ -208,10 +332,11 @@ def main(argv=None) -> None:
                 fns["bf16"] = case.torch_bf16
             if case.torch_fp32:
                 fns["fp32"] = case.torch_fp32
-            best = best_times(fns, case.reps)
+            best = timer(fns, case.reps)
             sec, ceiling = best["ours"], probe.nbytes / best["bw"] / 1e9
             t16, t32 = best.get("bf16"), best.get("fp32")
-            rec = {"op": case.op, "backend": "cpu", "isa": isa, "shape": case.shape, "seconds": sec,
+            rec = {"op": case.op, "backend": args.device, "isa": isa, "shape": case.shape,
+                   "seconds": sec,
                    "gbps": case.bytes / sec / 1e9, "gflops": case.flops / sec / 1e9,
                    "ceiling_gbps": ceiling, "torch_seconds": t16, "torch_fp32_seconds": t32}
             records.append(rec)

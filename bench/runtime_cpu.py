@@ -1,84 +1,99 @@
-"""Whole-model CPU decode: our kernels on quantized checkpoints against the bf16 torch reference.
+"""Whole-model CPU decode: our kernels on quantized checkpoints against the bf16 torch reference
+and against the machine's read bandwidth, timed round-robin in one process.
 
-    python bench/runtime_cpu.py --full QUANT27 --pair BF16_2L QUANT_2L --pair BF16_4L QUANT_4L
-                                [--gen-tokens 32] [--prompt-tokens 128] [--out DIR]
+    python bench/runtime_cpu.py QUANT [BF16] [QUANT BF16 ...] [--steps 48] [--json FILE]
 
-Each run is `kimivl-local bench` in a fresh process (its own peak RSS). QUANT27 is the 27-layer
-quantized checkpoint (absolute numbers). A full bf16 model (33 GB) does not fit a 24 GB machine,
-so the reference is compared on checkpoints with the real widths and expert counts but fewer
-layers: --pair BF16 QUANT runs both (the bf16 one with --backend reference), and two pairs with
-different layer counts give the per-layer decode time of each by difference (the lm_head and
-embedding cost cancels). Writes runtime_cpu.json and prints a table.
+Each argument is a checkpoint folder. Quantized ones decode with the compiled kernels, bf16 ones
+with --backend reference (torch only). All models are loaded into one process and every round
+times one decode step of each, plus a 256 MB read-reduce (the bandwidth ceiling), so they all see
+the same interference from other processes; each figure is the best over the rounds. Reported:
+ms per token, bytes read per token, GB/s and % of the ceiling, and the speed-up of each quantized
+model over the bf16 model with the same layer count. A full bf16 model (33 GB) does not fit a
+24 GB machine: compare it on checkpoints with the real widths and expert counts and fewer layers
+(`kimivl-local synthetic DST --preset full --layers 4`, then `kimivl-local quantize`); two layer
+counts also give the per-layer figures by difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
+import torch
 
-def bench(model: str, *extra: str, gen: int, prompt: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "r.json"
-        cmd = [sys.executable, "-m", "kimivl_local.cli", "bench", model, "--device", "cpu",
-               "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--json", str(out), *extra]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        return json.loads(out.read_text())
+import kimivl_local
+from kimivl_local.benchmark import decode_bytes_per_token
+from kimivl_local.ops._bridge import set_backend
 
-
-def layers(model: str) -> int:
-    return json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+PROMPT = "The quick brown fox jumps over the lazy dog while a robot reads a report. " * 3
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", help="27-layer quantized checkpoint")
-    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("BF16", "QUANT"))
-    ap.add_argument("--gen-tokens", type=int, default=32)
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--image", default="none")
-    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--steps", type=int, default=48, help="timed rounds (decode steps per model)")
+    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    kw = dict(gen=args.gen_tokens, prompt=args.prompt_tokens)
-    records = {}
-    if args.full:
-        records["full"] = bench(args.full, "--image", args.image, **kw)
-    for bf16, quant in args.pair:
-        n = layers(bf16)
-        records[f"{n}L"] = {"layers": n,
-                            "reference_bf16": bench(bf16, "--backend", "reference", "--image", "none",
-                                                    **kw),
-                            "kernels_quant": bench(quant, "--image", "none", **kw)}
-    rows = []
-    if "full" in records:
-        r = records["full"]
-        rows.append(f"27 layers, quantized, kernels: decode {r['decode_tokens_per_second']:.2f} tok/s, "
-                    f"{r['decode_gbps']:.1f} GB/s = {100 * r['decode_gbps'] / r['ceiling_gbps']:.0f}% "
-                    f"of measured {r['ceiling_gbps']:.1f} GB/s; load {r['load_seconds']:.1f} s, "
-                    f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB, TTFT {r['ttft_text_seconds']:.2f} s")
-    pairs = [v for k, v in records.items() if k != "full"]
-    for p in pairs:
-        ref, q = (1 / p[k]["decode_tokens_per_second"] for k in ("reference_bf16", "kernels_quant"))
-        rows.append(f"{p['layers']} layers: reference bf16 {ref * 1e3:.0f} ms/token, kernels "
-                    f"{q * 1e3:.0f} ms/token -> {ref / q:.1f}x")
-    if len(pairs) >= 2:
-        a, b = sorted(pairs, key=lambda p: p["layers"])[:2]
-        dl = b["layers"] - a["layers"]
-        per = {k: (1 / b[k]["decode_tokens_per_second"] - 1 / a[k]["decode_tokens_per_second"]) / dl
-               for k in ("reference_bf16", "kernels_quant")}
-        rows.append(f"per MoE layer (difference of {a['layers']}L and {b['layers']}L): reference "
-                    f"{per['reference_bf16'] * 1e3:.1f} ms, kernels {per['kernels_quant'] * 1e3:.1f} ms"
-                    f" -> {per['reference_bf16'] / per['kernels_quant']:.1f}x")
-        records["per_layer_seconds"] = per
-    print("\n".join(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "runtime_cpu.json").write_text(json.dumps({"records": records, "summary": rows},
-                                                          indent=2))
+
+    runs = []
+    for path in args.models:
+        config = json.loads((Path(path) / "config.json").read_text())
+        backend = "auto" if "quantization_config" in config else "reference"
+        t0 = time.perf_counter()
+        model = kimivl_local.load(path, device="cpu", max_context=512, backend=backend)
+        ids = model.tokenizer.encode(PROMPT)
+        runs.append({"path": path, "backend": backend, "model": model, "ids": ids,
+                     "layers": model.config.text.num_hidden_layers,
+                     "load_seconds": time.perf_counter() - t0, "best": float("inf")})
+    probe = torch.ones(64 << 20)  # 256 MB, far larger than the caches
+    best_probe = float("inf")
+    for r in runs:
+        set_backend(r["backend"])
+        engine = r["model"].engine
+        engine.cache.reset()
+        r["token"] = int(engine.prefill(r["ids"])[0].argmax())
+        r["bytes"] = decode_bytes_per_token(r["model"].model, len(r["ids"]) + args.steps // 2)
+    for _ in range(args.steps):
+        for r in runs:
+            set_backend(r["backend"])
+            t0 = time.perf_counter()
+            r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
+            r["best"] = min(r["best"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        probe.sum()
+        best_probe = min(best_probe, time.perf_counter() - t0)
+    set_backend("auto")
+    ceiling = probe.numel() * 4 / best_probe / 1e9
+
+    print(f"read bandwidth ceiling: {ceiling:.1f} GB/s (best of {args.steps} rounds)")
+    records = []
+    for r in runs:
+        gbps = r["bytes"] / r["best"] / 1e9
+        rec = {k: r[k] for k in ("path", "backend", "layers", "bytes", "load_seconds")}
+        rec.update(ms_per_token=r["best"] * 1e3, gbps=gbps, ceiling_gbps=ceiling)
+        records.append(rec)
+        print(f"{r['path']}: {r['layers']} layers, {r['backend']}: {r['best'] * 1e3:.1f} ms/token, "
+              f"{r['bytes'] / 2**20:.0f} MiB/token -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% "
+              f"of the ceiling")
+    by_layers = {}
+    for rec in records:
+        by_layers.setdefault(rec["layers"], {})[rec["backend"]] = rec
+    for n, pair in sorted(by_layers.items()):
+        if len(pair) == 2:
+            ratio = pair["reference"]["ms_per_token"] / pair["auto"]["ms_per_token"]
+            print(f"{n} layers: kernels {ratio:.1f}x the bf16 reference")
+    full = [n for n, p in by_layers.items() if len(p) == 2]
+    if len(full) >= 2:
+        a, b = sorted(full)[:2]
+        for backend in ("auto", "reference"):
+            per = (by_layers[b][backend]["ms_per_token"] - by_layers[a][backend]["ms_per_token"]) / (b - a)
+            print(f"per layer ({a} -> {b} layers), {backend}: {per:.2f} ms")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"ceiling_gbps": ceiling, "steps": args.steps, "records": records}, f, indent=2)
     return 0
 
 

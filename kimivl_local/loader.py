@@ -114,7 +114,10 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
         target = torch.float32 if keep_fp32 else placement.dtype_of(prefix + name, dtype)
         names = checkpoint_names(prefix + name, param.shape)
         if len(names) == 1:
-            value = ckpt.load(names[0]).to(device=device, dtype=target)
+            stored = ckpt.load(names[0])
+            value = stored.to(device=device, dtype=target)
+            if value.data_ptr() != stored.data_ptr():  # converted or moved: the file pages
+                ckpt.release(names[0])                 # are no longer needed in this process
         else:  # stacked experts: fill [E, ...] one expert at a time
             value = torch.empty(param.shape, dtype=target, device=device)
             for e, n in enumerate(names):

@@ -132,7 +132,9 @@ def activation_bytes(config: KimiVLConfig, max_context: int, prefill_chunk: int,
     language model at full context, or MoonViT on one image of `image_patches` patches."""
     t, v = config.text, config.vision
     c, s, h = min(prefill_chunk, max_context), max_context, t.num_attention_heads
-    f32 = 4
+    # The CPU path computes attention and the vision tower in fp32; a GPU in the model's dtype
+    # (assumed 16-bit there).
+    f32 = 4 if device.type == "cpu" else 2
     lm = c * t.hidden_size * f32 * 8  # residual stream, norms, projections
     lm += c * h * (t.qk_head_dim * 2 + t.v_head_dim) * f32  # q, and k/v of the chunk
     lm += s * h * (t.qk_head_dim + t.qk_nope_head_dim + 2 * t.v_head_dim) * f32  # expanded K/V

@@ -12,12 +12,20 @@ from kimivl_local.quant.modules import QuantExperts, QuantLinear, swap_modules
 from kimivl_local.quant.qconfig import QuantizationConfig
 from kimivl_local.synthetic import build_configs
 
-EXPERTS_INT4 = {
+# `kimivl-local quantize --recipe default`: routed experts INT4 g128, the other linears of the
+# language model INT8 per channel (kv_b_proj is dequantized at load, as MLA's decode reads it).
+DEFAULT_RECIPE = {
     "quant_method": "compressed-tensors", "format": "pack-quantized",
-    "config_groups": {"group_0": {
-        "targets": [r"re:.*\.mlp\.experts\.\d+\.(gate|up|down)_proj$"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                    "group_size": 128}}}}
+    "config_groups": {
+        "group_0": {"targets": [r"re:.*\.mlp\.experts\.\d+\.(gate|up|down)_proj$"],
+                    "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                "strategy": "group", "group_size": 128}},
+        "group_1": {"targets": [r"re:.*\.mlp\.shared_experts\.(gate|up|down)_proj$",
+                                r"re:.*\.self_attn\.(q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$",
+                                r"re:.*\.layers\.\d+\.mlp\.(gate|up|down)_proj$",
+                                r"re:^language_model\.lm_head$"],
+                    "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                "strategy": "channel", "group_size": None}}}}
 
 
 def full_model(quantization: dict | None = None):
@@ -70,18 +78,19 @@ def test_small_gpu_refusal_names_the_cpu_experts_that_fit(bf16_full):
     assert len(auto.placement.cpu_expert_layers) == n and "chose --cpu-experts" in auto.summary()
 
 
-def test_int4_experts_fit_12_gb_at_32k_context():
-    """What the quantized default is for: the routed experts in INT4 on a 12 GB GPU at 32K
-    context. Without the CUDA expert kernels in _C the loader would dequantize them on the GPU,
-    and the planner says so (it counts what the loader will hold)."""
-    model, config = full_model(EXPERTS_INT4)
+def test_default_recipe_on_a_12_gb_gpu_at_32k_context():
+    """What the quantized default is for: a 12 GB GPU at 32K context. Without the CUDA kernels
+    in _C the loader would dequantize the layers on the GPU, and the planner says so (it counts
+    what the loader will hold)."""
+    model, config = full_model(DEFAULT_RECIPE)
     experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
     assert len(experts) == 26
     assert experts[0].resident_bytes(torch.device("cpu"), torch.bfloat16) == \
         64 * 3 * 1408 * 2048 * (0.5 + 2 / 128)
-    if experts[0]._kernel_ok(torch.device("cuda", 0)):
+    if experts[0]._kernel_ok(torch.device("cuda", 0), torch.bfloat16):
         p = plan(model, config, gpu_memory_gb=12)
         assert p.placement.cpu_expert_layers == () and p.device_total <= 12 * GiB
+        assert 8.5 * GiB < p.device_weights < 9.5 * GiB  # 7.4 GB experts, int8 rest, bf16 vision
     else:
         with pytest.raises(MemoryPlanError, match="Try --cpu-experts"):
             plan(model, config, gpu_memory_gb=12)

@@ -4,12 +4,13 @@
 blocks that the checkpoint's quantization_config quantizes; each says which packed tensors it
 expects (`expected_checkpoint`, for the loader's strict check) and reads them once (`load`).
 
-On the CPU, with the compiled extension, the weights are repacked once to the kernels' layout
-and run through `ops.quant_matmul` / `ops.moe_block`. Otherwise they are dequantized to the
-compute dtype at load: the same values, without the memory saving. That covers CUDA (until GPU
-kernels exist), an install without `_C` (the ops' torch references would dequantize the whole
-weight on every call), and schemes the kernels cannot take (a group size not a multiple of 32;
-experts whose gate and up differ or that are only partly quantized).
+With the compiled extension the weights are repacked once to the kernels' layout (CPU:
+cpu_layout.py, straight from the mmapped file; CUDA: cuda_layout.py, one layer at a time on the
+host, bf16/fp16 models) and run through `ops.quant_matmul` / `ops.moe_block`. Otherwise they are
+dequantized to the compute dtype at load: the same values, without the memory saving. That
+covers an install without `_C` (the ops' torch references would dequantize the whole weight on
+every call), --backend reference, fp32 models on CUDA, and schemes the kernels cannot take (a
+group size not a multiple of 32; experts whose gate and up differ or are only partly quantized).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.moe import StackedExperts, experts_forward
-from . import cpu_layout
-from .cpu_layout import CHUNK, to_cpu_layout
-from .packing import PackedWeight, QuantScheme, dequantize
+from . import cpu_layout, cuda_layout
+from .cpu_layout import CHUNK, CpuQuantWeight, to_cpu_layout
+from .cuda_layout import CudaQuantWeight
+from .packing import (PackedWeight, QuantScheme, concat_out_features, dequantize,
+                      stack_experts)
 from .qconfig import QuantizationConfig
 
 Expected = dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]
@@ -95,10 +98,22 @@ def quantized_bytes(out_features: int, in_features: int, scheme: QuantScheme) ->
     return out_features * per_row
 
 
-def kernel_supports(op: str, scheme: QuantScheme, device: torch.device) -> bool:
-    """Whether the compiled CPU kernel `op` runs `scheme` on `device`."""
+def kernel_supports(op: str, scheme: QuantScheme, device: torch.device, in_features: int,
+                    dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a compiled kernel `op` (CPU: "quant_matmul"/"moe_block"; CUDA: the same names
+    prefixed "cuda_", for bf16/fp16 activations) runs `scheme` on `device`."""
+    if device.type == "cuda":
+        return (dtype in (torch.bfloat16, torch.float16)
+                and cuda_layout.kernel_supports(scheme, in_features)
+                and kernel(f"cuda_{op}") is not None)
     return (device.type == "cpu" and (scheme.group_size is None or scheme.group_size % CHUNK == 0)
             and kernel(op) is not None)
+
+
+def to_kernel_layout(packed: PackedWeight, device: torch.device) -> CpuQuantWeight | CudaQuantWeight:
+    if device.type == "cuda":
+        return cuda_layout.to_cuda_layout(packed, device)
+    return to_cpu_layout(packed)
 
 
 class QuantLinear(nn.Module):
@@ -118,8 +133,8 @@ class QuantLinear(nn.Module):
 
     def load(self, ckpt: Checkpoint, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
         packed = read_packed(ckpt, prefix, self.scheme, (self.out_features, self.in_features))
-        if kernel_supports("quant_matmul", self.scheme, device) and not self.dense_at_load:
-            self.qweight = to_cpu_layout(packed)
+        if self._kernel_ok(device, dtype):
+            self.qweight = to_kernel_layout(packed, device)
         else:
             self.weight = dequantize(packed, dtype).to(device)
         release_packed(ckpt, prefix, self.scheme, (self.out_features, self.in_features))
@@ -127,9 +142,13 @@ class QuantLinear(nn.Module):
     def resident_bytes(self, device: torch.device, dtype: torch.dtype) -> int:
         """Memory `load` will hold on `device` (the memory planner asks before loading)."""
         bias = self.out_features * dtype.itemsize if self.bias is not None else 0
-        if kernel_supports("quant_matmul", self.scheme, device) and not self.dense_at_load:
+        if self._kernel_ok(device, dtype):
             return quantized_bytes(self.out_features, self.in_features, self.scheme) + bias
         return self.out_features * self.in_features * dtype.itemsize + bias
+
+    def _kernel_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return (not self.dense_at_load
+                and kernel_supports("quant_matmul", self.scheme, device, self.in_features, dtype))
 
     @property
     def on_kernel(self) -> bool:
@@ -179,16 +198,26 @@ class QuantExperts(nn.Module):
                     expected.update(packed_expected(name, *self.shapes[proj], scheme))
         return expected
 
-    def _kernel_ok(self, device: torch.device) -> bool:
+    def _kernel_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
         gate, up, down = (self.schemes[p] for p in EXPERT_PROJS)
+        (i, h) = self.shapes["gate_proj"]
         return (gate is not None and down is not None and gate == up
-                and kernel_supports("moe_block", gate, device)
-                and kernel_supports("moe_block", down, device)
-                and self.shapes["down_proj"][1] % CHUNK == 0)
+                and kernel_supports("moe_block", gate, device, h, dtype)
+                and kernel_supports("moe_block", down, device, i, dtype)
+                and i % CHUNK == 0)
 
     def load(self, ckpt: Checkpoint, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
-        if self._kernel_ok(device):
+        if self._kernel_ok(device, dtype) and device.type == "cpu":
             self._load_cpu_layout(ckpt, prefix)
+            return
+        if self._kernel_ok(device, dtype):  # CUDA: stacked on the host a layer at a time
+            stacked = {proj: stack_experts([read_packed(ckpt, f"{prefix}.{e}.{proj}",
+                                                        self.schemes[proj], self.shapes[proj])
+                                            for e in range(self.num_experts)])
+                       for proj in EXPERT_PROJS}
+            gate_up = concat_out_features([stacked["gate_proj"], stacked["up_proj"]])
+            self.w13 = cuda_layout.to_cuda_layout(gate_up, device)
+            self.w2 = cuda_layout.to_cuda_layout(stacked["down_proj"], device)
             return
         dense = []
         for proj in EXPERT_PROJS:
@@ -235,7 +264,7 @@ class QuantExperts(nn.Module):
         total = 0
         for proj, (n, k) in self.shapes.items():
             scheme = self.schemes[proj]
-            quantized = self._kernel_ok(device) and scheme is not None
+            quantized = self._kernel_ok(device, dtype) and scheme is not None
             total += quantized_bytes(n, k, scheme) if quantized else n * k * dtype.itemsize
         return total * self.num_experts
 

@@ -1,0 +1,236 @@
+"""The CUDA kernels' weight layout, and the converter from the on-disk packed form.
+
+A weight W [N, K] (stacked experts add a leading E to every tensor) is three tensors, with
+KP = K rounded up to 32, g the group size (KP for per-channel) and G = KP / g:
+
+  qweight  int32 [N, KP * bits / 32]   row n holds W[n, :] along K, a 32-bit word per 8 (int4)
+           or 4 (int8) consecutive k; rows are never interleaved with each other.
+           int4: word w of row n holds k = 8w + e (e < 8) at nibble position p with
+                 e = [0, 2, 4, 6, 1, 3, 5, 7][p]  (nibble p = bits 4p..4p+3),
+           int8: byte p of word w holds k = 4w + p (plain little-endian bytes),
+           each value unsigned, u = q + 2^(bits-1) (the on-disk unsigned code); k >= K is 0.
+  scales   bf16 or fp16 [N, G]   scale[n, g] for k in [g * group, (g + 1) * group), kept in the
+           checkpoint's 16-bit dtype (fp32 scales become fp16, or bf16 outside fp16's normal
+           range, as in cpu_layout: the one lossy step)
+  zeros    uint8 [N, G], asymmetric only: the zero of the unsigned code, z + 2^(bits-1); the
+           symmetric zero is the constant 8 (int4) or 128 (int8).
+
+W[n, k] = scale[n, k // g] * (u[n, k] - zero[n, k // g]).
+
+Why this layout:
+  * Row-major along K, 16 bytes = 32 int4 (or 16 int8) weights of one row per 128-bit load: the
+    GEMV path (M <= 8) has each lane stream 16-byte vectors of one row, and a row's vectors are
+    contiguous so a warp's loads coalesce into full 512-byte runs. Every row is a whole number of
+    16-byte vectors (KP is a multiple of 32), so all vector loads are aligned when the tensor is.
+    Group sizes are multiples of 32, so a vector never straddles two groups: one scale (and zero)
+    per loaded vector.
+  * The nibble order inside a word is the interleave the magic-number conversion wants: masking
+    the word with 0x000f000f after a right shift by 4i puts nibble positions (i, i + 4), i.e.
+    elements (2i, 2i + 1), under the exponent of two fp16 1024.0 halves (OR 0x64006400), so one
+    shift, one LOP3 and one half2 subtract of (1024 + zero) give two consecutive weights exactly
+    (csrc/cuda/qgemm_common.cuh, int4_pair_f16). int8 needs no interleave: a byte permute places
+    bytes (0, 1) and (2, 3) under 0x64.
+  * The tensor-core path dequantizes whole 32-K slices of 64 rows into shared memory, so it needs
+    nothing more than this row-major form; scales stay [N, G] (row-major, read once per group)
+    and are applied in fp32 to the accumulators, so the 16-bit operands are the exact integers
+    u - zero and no precision is lost before the fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import PackedWeight, QuantScheme, unpack, unpack_int32
+
+CHUNK = 32  # KP granularity (and the smallest group): one 128-bit vector of int4
+INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # element of each nibble position within a word
+
+
+@dataclass(frozen=True)
+class CudaQuantWeight:
+    """A weight [*, N, K] in the CUDA kernel layout (module docstring); leading dim = experts."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int  # KP for per-channel
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):
+        """Check every tensor once, here, so the ops need not on each call."""
+        n, k, bits, group = self.out_features, self.in_features, self.bits, self.group_size
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if n < 1 or k < 1:
+            raise ValueError(f"out_features and in_features must be positive, got {n}, {k}")
+        kp = padded(k)
+        if group < CHUNK or group % CHUNK or kp % group:
+            raise ValueError(f"group_size must be a multiple of {CHUNK} dividing {kp}, got {group}")
+        if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (2, 3):
+            raise ValueError("qweight must be a tensor [N, KP * bits / 32] or "
+                             "[E, N, KP * bits / 32]")
+        lead = list(self.qweight.shape[:-2])
+        g = kp // group
+        _expect("qweight", self.qweight, (torch.int32,), lead + [n, kp * bits // 32], None)
+        device = self.qweight.device
+        _expect("scales", self.scales, (torch.bfloat16, torch.float16), lead + [n, g], device)
+        if self.zeros is not None:
+            _expect("zeros", self.zeros, (torch.uint8,), lead + [n, g], device)
+
+    @property
+    def num_experts(self) -> int | None:
+        return self.qweight.shape[0] if self.qweight.dim() == 3 else None
+
+    @property
+    def padded_in_features(self) -> int:
+        return padded(self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def expert(self, e: int) -> "CudaQuantWeight":
+        if self.num_experts is None:
+            raise ValueError("expert() needs a stacked [E, ...] weight")
+        return CudaQuantWeight(self.qweight[e], self.scales[e],
+                               None if self.zeros is None else self.zeros[e], self.bits,
+                               self.group_size, self.out_features, self.in_features)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
+                   if t is not None)
+
+
+def _expect(name, t, dtypes, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if list(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but qweight is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _scale_dtype(scale: torch.Tensor) -> torch.dtype:
+    """bf16/fp16 scales stay; fp32 become fp16 when every nonzero fits fp16's normal range."""
+    if scale.dtype in (torch.bfloat16, torch.float16):
+        return scale.dtype
+    nonzero = scale[scale != 0].abs()
+    fits = nonzero.numel() == 0 or (nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
+    return torch.float16 if fits else torch.bfloat16
+
+
+def padded(k: int) -> int:
+    return -(-k // CHUNK) * CHUNK
+
+
+def kernel_supports(scheme: QuantScheme, in_features: int) -> bool:
+    """Whether the CUDA kernels take a weight of this scheme and in_features: the group a
+    multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte activation loads).
+    Other weights still convert and run, on the torch reference."""
+    return ((scheme.group_size is None or scheme.group_size % CHUNK == 0)
+            and in_features % 8 == 0)
+
+
+def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") -> CudaQuantWeight:
+    """Repack [N, K] or stacked [E, N, K] on-disk tensors into the CUDA kernel layout.
+
+    The on-disk words already hold the unsigned codes along K (8 nibbles or 4 bytes per word,
+    natural order, zero-padded), so int8 rows are copied as they are and int4 words get their
+    nibbles permuted; only the (small) zero points are unpacked. The conversion runs on the CPU
+    in torch, one expert at a time, and each converted expert is copied into tensors allocated
+    on `device` (so the extra host memory is one expert's).
+    """
+    s = packed.scheme
+    n, k = packed.out_features, packed.in_features
+    if s.group_size is not None and s.group_size % CHUNK:
+        raise ValueError(f"the CUDA kernels need group_size to be a multiple of {CHUNK}, "
+                         f"got {s.group_size}")
+    packed.validate()
+    device = torch.device(device)
+    kp = padded(k)
+    group = kp if s.group_size is None else s.group_size
+    lead = tuple(packed.weight_packed.shape[:-2])
+    g = kp // group
+    sdtype = _scale_dtype(packed.weight_scale)
+    words = kp * s.bits // 32
+    disk_words = packed.weight_packed.shape[-1]
+    qweight = torch.empty(lead + (n, words), dtype=torch.int32, device=device)
+    if disk_words < words:
+        qweight[..., disk_words:] = 0
+    scales = torch.empty(lead + (n, g), dtype=sdtype, device=device)
+    zeros = None if s.symmetric else torch.empty(lead + (n, g), dtype=torch.uint8, device=device)
+    for e in range(lead[0] if lead else 1):
+        at = (e,) if lead else ()
+        disk = packed.weight_packed[at].cpu()
+        qweight[at][:, :disk_words].copy_(_permute_nibbles(disk) if s.bits == 4 else disk)
+        scales[at].copy_(packed.weight_scale[at].cpu().to(sdtype))
+        if zeros is not None:
+            z = unpack_int32(packed.weight_zero_point[at].cpu(), s.bits, n, dim=-2)
+            zeros[at].copy_((z.to(torch.int16) + (1 << (s.bits - 1))).to(torch.uint8))
+    return CudaQuantWeight(qweight, scales, zeros, s.bits, group, n, k)
+
+
+def _permute_nibbles(disk: torch.Tensor) -> torch.Tensor:
+    """int32 words with element e at nibble e -> element INT4_ORDER[p] at nibble p, computed
+    on the little-endian bytes: byte j holds nibbles (2j, 2j + 1), so the new bytes are
+    (e0, e2), (e4, e6), (e1, e3), (e5, e7) from old bytes (e0, e1), (e2, e3), (e4, e5), (e6, e7)."""
+    b = disk.contiguous().view(torch.uint8).view(*disk.shape, 4)
+    lo, hi = b & 0x0F, b & 0xF0
+    out = torch.stack((lo[..., 0] | (lo[..., 1] << 4), lo[..., 2] | (lo[..., 3] << 4),
+                       (hi[..., 0] >> 4) | hi[..., 1], (hi[..., 2] >> 4) | hi[..., 3]), dim=-1)
+    return out.view(torch.int32).view(disk.shape)
+
+
+def _pack_rows(q: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """int8 q [N, K] -> int32 [N, KP * bits / 32] in the layout of the module docstring
+    (the definition, from signed values; to_cuda_layout's fast path must agree with it)."""
+    n, k = q.shape
+    u = torch.zeros(n, kp, dtype=torch.uint8)
+    u[:, :k] = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    if bits == 4:
+        s = u.view(n, kp // 8, 8)[:, :, list(INT4_ORDER)]  # s[..., p] = element at nibble p
+        u = (s[:, :, 0::2] | (s[:, :, 1::2] << 4)).reshape(n, kp // 2)
+    return u.contiguous().view(torch.int32)
+
+
+def unpack_codes(w: CudaQuantWeight) -> torch.Tensor:
+    """The unsigned codes u [*, N, KP] (int16) as the kernels read them from qweight."""
+    words = w.qweight  # int32: the arithmetic shift's sign bits are masked off below
+    per_word = 32 // w.bits
+    shifts = torch.arange(0, 32, w.bits, dtype=torch.int32, device=words.device)
+    codes = ((words[..., None] >> shifts) & ((1 << w.bits) - 1)).to(torch.int16)  # [*, N, W, p]
+    if w.bits == 4:
+        order = torch.tensor(INT4_ORDER, device=words.device)
+        u = torch.empty_like(codes)
+        u[..., order] = codes  # element INT4_ORDER[p] <- nibble p
+        codes = u
+    return codes.view(*words.shape[:-1], words.shape[-1] * per_word)
+
+
+def dequantize(w: CudaQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [*, N, K] from the CUDA layout, on w's device (reads the same bytes the kernels do):
+    (u - zero) * scale exactly in fp32 (fp64 if asked), cast to dtype. Stacked experts are
+    converted one at a time (bounded temporary memory)."""
+    if w.num_experts is not None:
+        out = torch.empty(w.num_experts, w.out_features, w.in_features, dtype=dtype,
+                          device=w.qweight.device)
+        for e in range(w.num_experts):
+            out[e] = dequantize(w.expert(e), dtype)
+        return out
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = unpack_codes(w).to(acc)
+    if w.zeros is not None:
+        zero = w.zeros.to(acc)
+    else:
+        zero = torch.full(w.scales.shape, float(1 << (w.bits - 1)), dtype=acc,
+                          device=w.scales.device)
+    out = (u.unflatten(-1, (-1, w.group_size)) - zero[..., None]) * w.scales.to(acc)[..., None]
+    return out.flatten(-2)[..., :w.in_features].to(dtype)
