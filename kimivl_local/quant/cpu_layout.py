@@ -69,12 +69,13 @@ class CpuQuantWeight:
                              "[E, NB, KC, 64 * bits]")
         lead = list(self.qweight.shape[:-3])
         nb, g = -(-n // ROWS), kp // group
-        _expect("qweight", self.qweight, (torch.uint8,), lead + [nb, kp // CHUNK, 64 * bits], None)
+        expect_tensor("qweight", self.qweight, (torch.uint8,), lead + [nb, kp // CHUNK, 64 * bits],
+                      None)
         device = self.qweight.device
         scale_dtypes = (torch.bfloat16, torch.float16)
-        _expect("scales", self.scales, scale_dtypes, lead + [nb, g, ROWS], device)
+        expect_tensor("scales", self.scales, scale_dtypes, lead + [nb, g, ROWS], device)
         if self.zeros is not None:
-            _expect("zeros", self.zeros, (torch.int8,), lead + [nb, g, ROWS], device)
+            expect_tensor("zeros", self.zeros, (torch.int8,), lead + [nb, g, ROWS], device)
 
     @property
     def num_experts(self) -> int | None:
@@ -92,7 +93,9 @@ class CpuQuantWeight:
                    if t is not None)
 
 
-def _expect(name, t, dtypes, shape, device) -> None:
+def expect_tensor(name, t, dtypes, shape, device) -> None:
+    """Raise naming `name` unless t is a contiguous tensor of `dtypes`, `shape`, on `device`
+    (shared with cuda_layout.py)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if list(t.shape) != shape:

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import PackedWeight, QuantScheme, unpack, unpack_int32
+from .cpu_layout import expect_tensor, scale_dtype_for
+from .packing import PackedWeight, QuantScheme, unpack_int32
 
 CHUNK = 32  # KP granularity (and the smallest group): one 128-bit vector of int4
 INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # element of each nibble position within a word
@@ -75,11 +76,12 @@ class CudaQuantWeight:
                              "[E, N, KP * bits / 32]")
         lead = list(self.qweight.shape[:-2])
         g = kp // group
-        _expect("qweight", self.qweight, (torch.int32,), lead + [n, kp * bits // 32], None)
+        expect_tensor("qweight", self.qweight, (torch.int32,), lead + [n, kp * bits // 32], None)
         device = self.qweight.device
-        _expect("scales", self.scales, (torch.bfloat16, torch.float16), lead + [n, g], device)
+        expect_tensor("scales", self.scales, (torch.bfloat16, torch.float16), lead + [n, g],
+                      device)
         if self.zeros is not None:
-            _expect("zeros", self.zeros, (torch.uint8,), lead + [n, g], device)
+            expect_tensor("zeros", self.zeros, (torch.uint8,), lead + [n, g], device)
 
     @property
     def num_experts(self) -> int | None:
@@ -103,28 +105,6 @@ class CudaQuantWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
                    if t is not None)
-
-
-def _expect(name, t, dtypes, shape, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if list(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but qweight is on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _scale_dtype(scale: torch.Tensor) -> torch.dtype:
-    """bf16/fp16 scales stay; fp32 become fp16 when every nonzero fits fp16's normal range."""
-    if scale.dtype in (torch.bfloat16, torch.float16):
-        return scale.dtype
-    nonzero = scale[scale != 0].abs()
-    fits = nonzero.numel() == 0 or (nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
-    return torch.float16 if fits else torch.bfloat16
 
 
 def padded(k: int) -> int:
@@ -159,7 +139,7 @@ def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") ->
     group = kp if s.group_size is None else s.group_size
     lead = tuple(packed.weight_packed.shape[:-2])
     g = kp // group
-    sdtype = _scale_dtype(packed.weight_scale)
+    sdtype = scale_dtype_for(packed.weight_scale)
     words = kp * s.bits // 32
     disk_words = packed.weight_packed.shape[-1]
     qweight = torch.empty(lead + (n, words), dtype=torch.int32, device=device)
