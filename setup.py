@@ -81,6 +81,8 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("KIMIVL_CUDA_ARCHS"):
             args.append(f"-DKIMIVL_CUDA_ARCHS={os.environ['KIMIVL_CUDA_ARCHS']}")
+        else:  # back to CMakeLists' default, not whatever an earlier build left in the cache
+            args.append("-UKIMIVL_CUDA_ARCHS")
         if shutil.which("ninja"):
             args.append("-GNinja")
         jobs = os.environ.get("KIMIVL_BUILD_JOBS", str(os.cpu_count() or 1))
