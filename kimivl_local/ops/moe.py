@@ -27,8 +27,7 @@ from ..quant.cpu_layout import CpuQuantWeight
 from ..quant.cuda_layout import CudaQuantWeight
 from ._bridge import DTYPE_CODES, check_tensor, kernel, num_threads
 from .quant_matmul import (FLOAT_DTYPES, KERNEL_DTYPES, PATHS, aligned16, check_weight,
-                           cuda_kernel_ok, cuda_stream, cuda_weight_args, dequantize_weight,
-                           traced, weight_args)
+                           cuda_kernel_ok, cuda_stream, dequantize_weight, traced, weight_args)
 
 
 def _check_args(x, topk_weights, topk_ids, w13, w2) -> None:
@@ -135,7 +134,7 @@ def _run_cuda(x, topk_weights, topk_ids, w13: CudaQuantWeight, w2: CudaQuantWeig
     workspace = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     with torch.cuda.device(x.device):
         fn(x.data_ptr(), DTYPE_CODES[x.dtype], t, ids.data_ptr(), topk_weights.data_ptr(), k, e,
-           cuda_weight_args(w13), cuda_weight_args(w2), y.data_ptr(), workspace.data_ptr(),
+           weight_args(w13), weight_args(w2), y.data_ptr(), workspace.data_ptr(),
            nbytes, PATHS[path], cuda_stream(x.device))
     return y
 

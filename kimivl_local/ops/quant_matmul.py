@@ -55,12 +55,12 @@ def dequantize_weight(w: CpuQuantWeight | CudaQuantWeight,
     return dequantize(w, dtype)
 
 
-def weight_args(w: CpuQuantWeight) -> tuple[int, ...]:
-    """The weight as csrc/ops_quant.cpp's WeightArgs tuple."""
-    kp = -(-w.in_features // CHUNK) * CHUNK
+def weight_args(w: CpuQuantWeight | CudaQuantWeight) -> tuple[int, ...]:
+    """The weight as the WeightArgs tuple of csrc/ops_quant.cpp (CPU layout) and
+    csrc/cuda/ops_cuda_quant.cpp (CUDA layout): the same 9 fields for both."""
     return (w.qweight.data_ptr(), w.scales.data_ptr(),
             0 if w.zeros is None else w.zeros.data_ptr(), DTYPE_CODES[w.scales.dtype], w.bits,
-            w.out_features, w.in_features, kp, w.group_size)
+            w.out_features, w.in_features, w.padded_in_features, w.group_size)
 
 
 def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
@@ -75,13 +75,6 @@ def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
     q = (blocks * inv).round()
     return (q.double() * (amax / c127).double()).flatten(-2)[..., :k]
-
-
-def cuda_weight_args(w: CudaQuantWeight) -> tuple[int, ...]:
-    """The weight as csrc/cuda/ops_cuda_quant.cpp's WeightArgs tuple."""
-    return (w.qweight.data_ptr(), w.scales.data_ptr(),
-            0 if w.zeros is None else w.zeros.data_ptr(), DTYPE_CODES[w.scales.dtype], w.bits,
-            w.out_features, w.in_features, w.padded_in_features, w.group_size)
 
 
 def cuda_stream(device: torch.device) -> int:
@@ -167,7 +160,7 @@ def _run_cuda(x: torch.Tensor, w: CudaQuantWeight, path: str = "auto") -> torch.
         return y
     x = aligned16(x)
     with torch.cuda.device(x.device):
-        fn(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], cuda_weight_args(w), y.data_ptr(),
+        fn(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], weight_args(w), y.data_ptr(),
            PATHS[path], cuda_stream(x.device))
     return y
 

@@ -32,97 +32,33 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
 
 import torch
 
+from .layout import CHUNK, QuantWeight, expect_tensor, padded, scale_dtype_for
 from .packing import PackedWeight, QuantScheme, unpack_int32
 
-ROWS = 16  # output rows per block
-CHUNK = 32  # K per chunk (also the activation quantization block)
+ROWS = 16  # output rows per block; CHUNK (layout.py) = K per chunk and activation block
 
 
-@dataclass(frozen=True)
-class CpuQuantWeight:
+class CpuQuantWeight(QuantWeight):
     """A weight [*, N, K] in the CPU kernel layout (module docstring); leading dim = experts."""
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    bits: int
-    group_size: int  # KP for per-channel
-    out_features: int
-    in_features: int
+    STACKED_DIMS = 4
 
-    def __post_init__(self):
-        """Check every tensor once, here, so the ops need not on each call."""
-        n, k, bits, group = self.out_features, self.in_features, self.bits, self.group_size
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if n < 1 or k < 1:
-            raise ValueError(f"out_features and in_features must be positive, got {n}, {k}")
-        kp = _padded(k)
-        if group < CHUNK or group % CHUNK or kp % group:
-            raise ValueError(f"group_size must be a multiple of {CHUNK} dividing {kp}, got {group}")
+    def check_tensors(self) -> None:
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (3, 4):
             raise ValueError("qweight must be a tensor [NB, KC, 64 * bits] or "
                              "[E, NB, KC, 64 * bits]")
         lead = list(self.qweight.shape[:-3])
-        nb, g = -(-n // ROWS), kp // group
-        expect_tensor("qweight", self.qweight, (torch.uint8,), lead + [nb, kp // CHUNK, 64 * bits],
+        nb, kc, g = -(-self.out_features // ROWS), self.padded_in_features // CHUNK, self.groups
+        expect_tensor("qweight", self.qweight, (torch.uint8,), lead + [nb, kc, 64 * self.bits],
                       None)
         device = self.qweight.device
         scale_dtypes = (torch.bfloat16, torch.float16)
         expect_tensor("scales", self.scales, scale_dtypes, lead + [nb, g, ROWS], device)
         if self.zeros is not None:
             expect_tensor("zeros", self.zeros, (torch.int8,), lead + [nb, g, ROWS], device)
-
-    @property
-    def num_experts(self) -> int | None:
-        return self.qweight.shape[0] if self.qweight.dim() == 4 else None
-
-    def expert(self, e: int) -> "CpuQuantWeight":
-        if self.num_experts is None:
-            raise ValueError("expert() needs a stacked [E, ...] weight")
-        return CpuQuantWeight(self.qweight[e], self.scales[e],
-                              None if self.zeros is None else self.zeros[e], self.bits,
-                              self.group_size, self.out_features, self.in_features)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
-                   if t is not None)
-
-
-def expect_tensor(name, t, dtypes, shape, device) -> None:
-    """Raise naming `name` unless t is a contiguous tensor of `dtypes`, `shape`, on `device`
-    (shared with cuda_layout.py)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if list(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be one of {dtypes}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but qweight is on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _padded(k: int) -> int:
-    return -(-k // CHUNK) * CHUNK
-
-
-def scale_dtype_for(*scales: torch.Tensor) -> torch.dtype:
-    """The layout's 16-bit scale dtype for these on-disk scales (all of one weight, e.g. every
-    expert): bf16/fp16 stay as they are; fp32 becomes fp16 when every nonzero scale is in fp16's
-    normal range, else bf16."""
-    if scales[0].dtype in (torch.bfloat16, torch.float16):
-        return scales[0].dtype
-    fits = True
-    for scale in scales:
-        nonzero = scale[scale != 0].abs()
-        fits &= nonzero.numel() == 0 or bool(nonzero.max() <= 65504 and nonzero.min() >= 2.0 ** -14)
-    return torch.float16 if fits else torch.bfloat16
 
 
 def allocate(out_features: int, in_features: int, scheme: QuantScheme, scale_dtype: torch.dtype,
@@ -133,9 +69,9 @@ def allocate(out_features: int, in_features: int, scheme: QuantScheme, scale_dty
         raise ValueError(f"the CPU kernels need group_size to be a multiple of {CHUNK}, "
                          f"got {scheme.group_size}")
     n, k = out_features, in_features
-    group = _padded(k) if scheme.group_size is None else scheme.group_size
+    group = padded(k) if scheme.group_size is None else scheme.group_size
     lead = () if num_experts is None else (num_experts,)
-    nb, kc, g = -(-n // ROWS), _padded(k) // CHUNK, _padded(k) // group
+    nb, kc, g = -(-n // ROWS), padded(k) // CHUNK, padded(k) // group
     qweight = _empty(lead + (nb, kc, 64 * scheme.bits), torch.uint8)
     scales = _empty(lead + (nb, g, ROWS), scale_dtype)
     zeros = None if scheme.symmetric else _empty(lead + (nb, g, ROWS), torch.int8)

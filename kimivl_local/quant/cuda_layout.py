@@ -38,77 +38,32 @@ Why this layout:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .cpu_layout import expect_tensor, scale_dtype_for
+from .layout import CHUNK, QuantWeight, expect_tensor, padded, scale_dtype_for
 from .packing import PackedWeight, QuantScheme, unpack_int32
 
-CHUNK = 32  # KP granularity (and the smallest group): one 128-bit vector of int4
 INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # element of each nibble position within a word
 
 
-@dataclass(frozen=True)
-class CudaQuantWeight:
+class CudaQuantWeight(QuantWeight):
     """A weight [*, N, K] in the CUDA kernel layout (module docstring); leading dim = experts."""
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor | None
-    bits: int
-    group_size: int  # KP for per-channel
-    out_features: int
-    in_features: int
+    STACKED_DIMS = 3
 
-    def __post_init__(self):
-        """Check every tensor once, here, so the ops need not on each call."""
-        n, k, bits, group = self.out_features, self.in_features, self.bits, self.group_size
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if n < 1 or k < 1:
-            raise ValueError(f"out_features and in_features must be positive, got {n}, {k}")
-        kp = padded(k)
-        if group < CHUNK or group % CHUNK or kp % group:
-            raise ValueError(f"group_size must be a multiple of {CHUNK} dividing {kp}, got {group}")
+    def check_tensors(self) -> None:
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (2, 3):
             raise ValueError("qweight must be a tensor [N, KP * bits / 32] or "
                              "[E, N, KP * bits / 32]")
         lead = list(self.qweight.shape[:-2])
-        g = kp // group
-        expect_tensor("qweight", self.qweight, (torch.int32,), lead + [n, kp * bits // 32], None)
+        n, g = self.out_features, self.groups
+        expect_tensor("qweight", self.qweight, (torch.int32,),
+                      lead + [n, self.padded_in_features * self.bits // 32], None)
         device = self.qweight.device
         expect_tensor("scales", self.scales, (torch.bfloat16, torch.float16), lead + [n, g],
                       device)
         if self.zeros is not None:
             expect_tensor("zeros", self.zeros, (torch.uint8,), lead + [n, g], device)
-
-    @property
-    def num_experts(self) -> int | None:
-        return self.qweight.shape[0] if self.qweight.dim() == 3 else None
-
-    @property
-    def padded_in_features(self) -> int:
-        return padded(self.in_features)
-
-    @property
-    def device(self) -> torch.device:
-        return self.qweight.device
-
-    def expert(self, e: int) -> "CudaQuantWeight":
-        if self.num_experts is None:
-            raise ValueError("expert() needs a stacked [E, ...] weight")
-        return CudaQuantWeight(self.qweight[e], self.scales[e],
-                               None if self.zeros is None else self.zeros[e], self.bits,
-                               self.group_size, self.out_features, self.in_features)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros)
-                   if t is not None)
-
-
-def padded(k: int) -> int:
-    return -(-k // CHUNK) * CHUNK
 
 
 def kernel_supports(scheme: QuantScheme, in_features: int) -> bool:

@@ -28,8 +28,9 @@ from ..config import TextConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.moe import StackedExperts, experts_forward
 from . import cpu_layout, cuda_layout
-from .cpu_layout import CHUNK, CpuQuantWeight, to_cpu_layout
+from .cpu_layout import CpuQuantWeight, to_cpu_layout
 from .cuda_layout import CudaQuantWeight
+from .layout import CHUNK, scale_dtype_for
 from .packing import (PackedWeight, QuantScheme, concat_out_features, dequantize,
                       stack_experts)
 from .qconfig import QuantizationConfig
@@ -240,7 +241,7 @@ class QuantExperts(nn.Module):
         gate, down = self.schemes["gate_proj"], self.schemes["down_proj"]
         (i, h), e_count = self.shapes["gate_proj"], self.num_experts
         names = {proj: [f"{prefix}.{e}.{proj}" for e in range(e_count)] for proj in EXPERT_PROJS}
-        scale_dtypes = {proj: cpu_layout.scale_dtype_for(
+        scale_dtypes = {proj: scale_dtype_for(
             *(ckpt.load(f"{n}.weight_scale") for n in names[proj])) for proj in EXPERT_PROJS}
         w13_scale = scale_dtypes["gate_proj"]
         if scale_dtypes["up_proj"] != w13_scale:
