@@ -18,10 +18,11 @@ import kimivl_local.ops.attention as attention_ops
 from kimivl_local.ext import build_info, extension
 from kimivl_local.ops import varlen_attention, varlen_attention_reference
 
+from kernel_support import ISAS, force_isa
+
 SDPA = torch.nn.functional.scaled_dot_product_attention
 # avx512_vnni dispatches to the AVX2 kernels (there is no AVX-512 attention code); an AVX-512
 # machine still runs it to cover that dispatch.
-ISAS = ["portable", "avx2", "avx512_vnni"]
 # Length 1, an empty sequence, lengths below, at and above the 96-query block, several blocks.
 LENGTHS = [1, 7, 0, 33, 96, 97, 200]
 
@@ -34,10 +35,7 @@ def _require_kernel():
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Force one kernel path, and make the SDPA fallback fail so the kernel is what runs."""
-    _require_kernel()
-    if request.param not in build_info()["cpu_isas_supported"]:
-        pytest.skip(f"this CPU does not support {request.param}")
-    monkeypatch.setenv("KIMIVL_ISA", request.param)
+    force_isa(monkeypatch, request.param, "varlen_attention")
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the SDPA fallback ran instead of the kernel")

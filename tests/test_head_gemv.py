@@ -6,6 +6,8 @@ import torch
 from kimivl_local.ops._bridge import kernel
 from kimivl_local.ops.head_gemv import head_gemv, head_gemv_reference
 
+from kernel_support import force_isa
+
 needs_kernel = pytest.mark.skipif(kernel("head_gemv") is None,
                                   reason="kimivl_local._C is not built")
 
@@ -16,11 +18,7 @@ needs_kernel = pytest.mark.skipif(kernel("head_gemv") is None,
 @pytest.mark.parametrize("h, k, n", [(1, 1, 1), (3, 7, 63), (16, 128, 512), (16, 512, 128),
                                      (2, 5, 65), (5, 33, 130), (1, 300, 200)])
 def test_matches_fp64(isa, dtype, h, k, n, monkeypatch):
-    from kimivl_local.ext import extension
-
-    if isa not in extension().build_info()["cpu_isas_supported"]:
-        pytest.skip(f"this CPU does not support {isa}")
-    monkeypatch.setenv("KIMIVL_ISA", isa)
+    force_isa(monkeypatch, isa, "head_gemv")
     gen = torch.Generator().manual_seed(h * 1000 + k + n)
     x = torch.randn(h, k + 3, generator=gen)[:, 1:k + 1]  # strided rows, contiguous last dim
     w = torch.randn(h, k, n, generator=gen).to(dtype)

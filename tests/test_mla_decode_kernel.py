@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from kimivl_local.config import TextConfig
-from kimivl_local.ext import build_info, extension
+from kimivl_local.ext import extension
 from kimivl_local.model.mla import MLAttention
 from kimivl_local.ops import mla_decode, mla_decode_reference
 
+from kernel_support import ISAS, force_isa
+
 # avx512_vnni dispatches to the AVX2 kernels (there is no AVX-512 attention code); an AVX-512
 # machine still runs it to cover that dispatch.
-ISAS = ["portable", "avx2", "avx512_vnni"]
 
 
 def _require_kernel():
@@ -27,11 +28,7 @@ def _require_kernel():
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    _require_kernel()
-    if request.param not in build_info()["cpu_isas_supported"]:
-        pytest.skip(f"this CPU does not support {request.param}")
-    monkeypatch.setenv("KIMIVL_ISA", request.param)
-    return request.param
+    return force_isa(monkeypatch, request.param, "mla_decode")
 
 
 def inputs(lens, heads=16, rank=512, rope=64, capacity=None, cache_dtype=torch.bfloat16, seed=0):

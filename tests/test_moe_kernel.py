@@ -18,24 +18,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl_local.ext import extension
 from kimivl_local.ops import moe_block, moe_block_reference, quantize_activations_reference
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
+from kernel_support import ISAS, force_isa
+
 moe_mod = sys.modules["kimivl_local.ops.moe"]
-ISAS = ["portable", "avx2", "avx512_vnni"]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    ext = extension()
-    if ext is None or not hasattr(ext, "moe_block"):
-        pytest.skip("no compiled moe_block in this install")
-    if request.param not in ext.build_info()["cpu_isas_supported"]:
-        pytest.skip(f"this CPU does not support {request.param}")
-    monkeypatch.setenv("KIMIVL_ISA", request.param)
-    return request.param
+    return force_isa(monkeypatch, request.param, "moe_block")
 
 
 def make_experts(e, hidden, inter, s13, s2, seed=0):

@@ -15,25 +15,19 @@ import sys
 import pytest
 import torch
 
-from kimivl_local.ext import extension
 from kimivl_local.ops import quant_matmul, quant_matmul_reference, quantize_activations_reference
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import CpuQuantWeight, dequantize
 
+from kernel_support import ISAS, force_isa
+
 qm = sys.modules["kimivl_local.ops.quant_matmul"]
-ISAS = ["portable", "avx2", "avx512_vnni"]
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Force one kernel path; skip the paths this CPU (or this install) cannot run."""
-    ext = extension()
-    if ext is None or not hasattr(ext, "quant_matmul"):
-        pytest.skip("no compiled quant_matmul in this install")
-    if request.param not in ext.build_info()["cpu_isas_supported"]:
-        pytest.skip(f"this CPU does not support {request.param}")
-    monkeypatch.setenv("KIMIVL_ISA", request.param)
-    return request.param
+    return force_isa(monkeypatch, request.param, "quant_matmul")
 
 
 def make_weight(n, k, bits, group, sym, scale_dtype=torch.bfloat16, seed=0):

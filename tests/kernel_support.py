@@ -1,0 +1,19 @@
+"""Shared by the CPU-kernel tests: run one kernel ISA path, or skip saying why it cannot run."""
+
+import pytest
+
+from kimivl_local.ext import extension
+
+ISAS = ["portable", "avx2", "avx512_vnni"]
+
+
+def force_isa(monkeypatch, isa: str, op: str) -> str:
+    """Make `_C.<op>` run its `isa` path (KIMIVL_ISA); skip when this install has no `op` or
+    this CPU lacks `isa`."""
+    ext = extension()
+    if ext is None or not hasattr(ext, op):
+        pytest.skip(f"no compiled {op} in this install")
+    if isa not in ext.build_info()["cpu_isas_supported"]:
+        pytest.skip(f"this CPU does not support {isa}")
+    monkeypatch.setenv("KIMIVL_ISA", isa)
+    return isa
