@@ -3,16 +3,10 @@
 import pytest
 import torch
 
-from kimivl_local.ops._bridge import kernel
 from kimivl_local.ops.head_gemv import head_gemv, head_gemv_reference
 
 from kernel_support import force_isa
 
-needs_kernel = pytest.mark.skipif(kernel("head_gemv") is None,
-                                  reason="kimivl_local._C is not built")
-
-
-@needs_kernel
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h, k, n", [(1, 1, 1), (3, 7, 63), (16, 128, 512), (16, 512, 128),
