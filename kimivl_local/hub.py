@@ -116,7 +116,7 @@ def not_cached_message(repo: str, revision: str | None) -> str:
     at = f" at revision {revision}" if revision else ""
     return (f"{repo}{at} is not in the local Hugging Face cache ({cache_dir()}). Download it with "
             f"`kimivl-local download {repo}{rev}` (or `{hf_download_command(repo, revision)}`), "
-            "or pass --download, or pass the checkpoint folder")
+            "or give chat, generate or serve --download, or pass the checkpoint folder")
 
 
 def hf_download_command(repo: str, revision: str | None = None) -> str:

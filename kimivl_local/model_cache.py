@@ -65,6 +65,14 @@ def find(located: Located, recipe: str) -> Path | None:
     return path if (path / MARKER).is_file() else None
 
 
+def built_from(located: Located) -> list[tuple[str, Path]]:
+    """(recipe, folder) of the complete entries made from `located`, the default recipe first."""
+    from .quantize.recipes import RECIPES
+
+    found = [(r, find(located, r)) for r in sorted(RECIPES, key=lambda r: r != "default")]
+    return [(r, path) for r, path in found if path is not None]
+
+
 def build(located: Located, recipe: str) -> Path:
     """Quantize `located` with `recipe` into the cache (resuming an interrupted build)."""
     from .quantize.main import quantize

@@ -64,14 +64,17 @@ def fitted(located: hub.Located, options: dict, max_context: int | None, *,
         as_is = exc
     if fit.is_quantized(located.path):
         return located.path
+    for recipe, cached in model_cache.built_from(located):
+        try:
+            fit.plan_as_is(cached, options, max_context)
+        except MemoryPlanError:
+            continue
+        _say(f"using the {recipe}-quantized copy from kimivl-local's cache ({cached}): "
+             f"the bf16 checkpoint does not fit")
+        return cached
     choice = fit.choose(fit.recipe_fits(located.path, options, max_context))
     if choice is None:
         return located.path
-    cached = model_cache.find(located, choice.recipe)
-    if cached is not None:
-        _say(f"using the {choice.recipe}-quantized copy from kimivl-local's cache ({cached}): "
-             f"the bf16 checkpoint does not fit")
-        return cached
     where = model_cache.cache_root() / model_cache.entry_name(located, choice.recipe)
     plan = choice.plan
     budget = plan.budget if plan.budget is not None else plan.host_total

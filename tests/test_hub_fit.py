@@ -109,3 +109,40 @@ def test_one_command_downloads_quantizes_once_then_starts_cached(env, tiny_check
     removed = _cli(env, "rm", name)
     assert removed.returncode == 0 and not entry.exists()
     assert _cli(env, "rm", name).returncode == 2
+
+
+def test_host_memory_budget_knob(tiny_checkpoint, monkeypatch):
+    from kimivl_local.memory_plan import MemoryPlanError
+
+    monkeypatch.setenv("KIMIVL_HOST_MEMORY_GB", "0.01")
+    with pytest.raises(MemoryPlanError, match="this machine has 0.01 GB"):
+        fit.plan_as_is(tiny_checkpoint, {"device": "cpu"}, None)
+    monkeypatch.setenv("KIMIVL_HOST_MEMORY_GB", "lots")
+    with pytest.raises(MemoryPlanError, match="KIMIVL_HOST_MEMORY_GB must be a number"):
+        fit.plan_as_is(tiny_checkpoint, {"device": "cpu"}, None)
+
+
+def test_cache_entries_are_keyed_by_source_and_listed_with_interrupted_builds(
+        tmp_path, monkeypatch, tiny_checkpoint):
+    from kimivl_local import model_cache
+    from kimivl_local.errors import InputError
+    from kimivl_local.hub import Located
+
+    monkeypatch.setenv("KIMIVL_CACHE", str(tmp_path / "cache"))
+    hub_source = Located(tiny_checkpoint, "org/tiny", COMMIT)
+    assert model_cache.entry_name(hub_source, "int8") == f"org--tiny--{COMMIT[:12]}--int8"
+    local = model_cache.entry_name(Located(tiny_checkpoint), "int8")
+    assert local.startswith("local--tiny-") and local.endswith("--int8")
+    assert model_cache.find(hub_source, "int8") is None and model_cache.entries() == []
+    # A build interrupted mid-way: listed as such (it resumes), removable, and not used.
+    partial = tmp_path / "cache" / ".staging" / f"org--tiny--{COMMIT[:12]}--int8.partial"
+    partial.mkdir(parents=True)
+    (partial / "model-00001-of-00001.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "cache" / "not-ours").mkdir()  # no marker: never listed, never removed
+    [entry] = model_cache.entries()
+    assert (entry.complete, entry.recipe, entry.bytes) == (False, "int8", 10)
+    assert model_cache.find(hub_source, "int8") is None
+    with pytest.raises(InputError, match="not an entry"):
+        model_cache.remove("not-ours")
+    model_cache.remove(entry.name)
+    assert not partial.exists() and (tmp_path / "cache" / "not-ours").is_dir()
