@@ -86,6 +86,24 @@ def test_download_fetches_only_runtime_files_and_resumes_a_dropped_connection(
     assert "1.1 MB" in result.stderr and "skipping 3 files" in result.stderr
 
 
+def test_code_only_repo_is_refused_before_any_file_is_fetched(hub, hf_cache, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    from kimivl_local.errors import InputError
+    from kimivl_local.hub import remote_repo
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi reads it per instance
+    with pytest.raises(InputError, match="no safetensors checkpoint") as refused:
+        remote_repo("org/code")
+    assert "modeling_kimi_vl.py" in str(refused.value) and "pickled .bin" in str(refused.value)
+    remote = remote_repo("org/tiny", "v1")
+    assert remote.commit == COMMIT_V1 and "modeling_kimi_vl.py" in remote.skipped
+    assert set(remote.files) == {n for n in hub.repos["org/tiny"].files if n.endswith(
+        (".safetensors", ".json", "tiktoken.model"))}
+    assert not hub.file_requests()
+
+
+@pytest.mark.slow
 def test_code_only_repo_is_refused(hub, env):
     for args in (["download", "org/code"],
                  ["generate", "org/code", "--download", "-p", "hi", "--device", "cpu"]):
@@ -95,7 +113,7 @@ def test_code_only_repo_is_refused(hub, env):
         assert "never runs a repo's code" in result.stderr
         assert "Traceback" not in result.stderr
     assert not hub.file_requests()
-    assert not _snapshots(env, "org/code").exists()
+    assert not _snapshots(env, "org/code").parent.exists()
 
 
 def test_not_cached_without_a_terminal_refuses_with_the_commands(hub, env):
@@ -132,7 +150,7 @@ def test_prompt_no_leaves_nothing_then_yes_downloads_and_later_runs_are_offline(
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2
-    assert not hub.file_requests() and not _snapshots(env).exists()
+    assert not hub.file_requests() and not _snapshots(env).parent.exists()
 
     child = _spawn(env, *gen)
     child.expect(r"Download 1\.1 MB now\? \[y/N\] ")
@@ -248,3 +266,14 @@ def test_repo_id_resolves_through_the_hf_cache(hf_cache, tiny_checkpoint):
         locate("moonshotai/Kimi-VL-A3B-Instruct", revision="v2")
     with pytest.raises(InputError, match="--revision v2 applies to Hugging Face repo ids"):
         locate(tiny_checkpoint, revision="v2")
+
+
+def test_fetch_flags_on_every_command_that_loads():
+    from kimivl_local.cli import _parser
+
+    for command in ("chat", "generate", "serve"):
+        args = _parser().parse_args([command, "org/tiny", "--download", "--fit",
+                                     "--revision", "v1"])
+        assert (args.download, args.fit, args.revision) == (True, True, "v1")
+        args = _parser().parse_args([command, "org/tiny"])
+        assert (args.download, args.fit, args.revision) == (False, False, None)
