@@ -1,5 +1,5 @@
 """A stand-in for the Hugging Face Hub on 127.0.0.1, serving repos from memory in the Hub's URL
-layout (the endpoints and headers huggingface_hub 1.x/2.x reads), so the real client code runs
+layout (the endpoints and headers huggingface_hub 2.5 reads), so the real client code runs
 end to end without internet:
 
   GET  /api/models/{repo}[/revision/{rev}][?blobs=true] model_info / repo_info: sha, siblings
@@ -9,7 +9,8 @@ end to end without internet:
 
 Errors carry the Hub's X-Error-Code header (RepoNotFound, RevisionNotFound, EntryNotFound).
 `drop_after[file] = n` makes the next full GET of `file` send n bytes of the body and close the
-connection, as a flaky network does. Every request is logged in `requests`.
+connection, as a flaky network does; a file in `fail_get` answers every GET with a 500 (an
+outage mid-download). Every request is logged in `requests`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.drop_after: dict[str, int] = {}
+        self.fail_get: set[str] = set()
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -134,6 +136,8 @@ def _handler(hub: FakeHub):
             repo, commit = found
             if name not in repo.files:
                 return self._error(404, "EntryNotFound")
+            if body and name in hub.fail_get:
+                return self._error(500, "InternalError")
             data = repo.files[name]
             start = 0
             if m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or ""):

@@ -277,3 +277,25 @@ def test_fetch_flags_on_every_command_that_loads():
         assert (args.download, args.fit, args.revision) == (True, True, "v1")
         args = _parser().parse_args([command, "org/tiny"])
         assert (args.download, args.fit, args.revision) == (False, False, None)
+
+
+@pytest.mark.slow
+def test_interrupted_download_is_incomplete_and_the_next_one_fetches_only_the_rest(hub, env):
+    hub.fail_get.add(SHARD)
+    failed = _cli(env, "download", "org/tiny")
+    assert failed.returncode == 2 and "run the same command again" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    # The files that arrived are kept, but the snapshot is not taken for a checkpoint.
+    assert (_snapshots(env) / COMMIT / "config.json").is_file()
+    assert not (_snapshots(env) / COMMIT / SHARD).exists()
+    offline = _cli(dict(env, HF_HUB_OFFLINE="1"), "generate", "org/tiny", "-p", "hi")
+    assert offline.returncode == 2 and "not in the local Hugging Face cache" in offline.stderr
+    arrived = {p.name for p in (_snapshots(env) / COMMIT).iterdir()}
+    hub.fail_get.clear()
+    hub.requests.clear()
+    again = _cli(env, "download", "org/tiny")
+    assert again.returncode == 0, again.stderr
+    wanted = {n for n in hub.repos["org/tiny"].files if n.endswith((".safetensors", ".json",
+                                                                     "tiktoken.model"))}
+    fetched = {path.rpartition("/")[2] for m, path, _ in hub.file_requests() if m == "GET"}
+    assert SHARD in fetched and fetched == wanted - arrived  # nothing fetched twice
