@@ -68,6 +68,7 @@ def test_no_at_the_prompt_quantizes_nothing(env, tiny_checkpoint):
     assert not Path(env["KIMIVL_CACHE"]).exists()
 
 
+@pytest.mark.slow
 def test_nothing_offered_when_no_recipe_fits(env, tiny_checkpoint):
     result = _cli(dict(env, KIMIVL_HOST_MEMORY_GB="0.01"), "generate", str(tiny_checkpoint), *GEN)
     assert result.returncode == 2 and "does not fit" not in result.stderr
