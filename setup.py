@@ -115,6 +115,9 @@ setup(
         "pillow>=10",
         "pypdfium2>=4.30",  # PDF pages (kimivl_local/documents.py)
         "av>=14",  # video frames (kimivl_local/video.py)
+        # Repo ids: cache lookup and downloads (kimivl_local/hub.py); 2.x's HTTP client is httpx2
+        # and its cache records each snapshot's file list (an interrupted download is incomplete).
+        "huggingface_hub>=2.5,<3",
         # The app and the OpenAI-compatible server (`kimivl-local serve`), installed by default:
         # the chat window is how most people use the runtime. Gradio 6's API moves between minor
         # releases; 6.31 is the one tested.

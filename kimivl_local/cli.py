@@ -1,4 +1,5 @@
-"""`kimivl-local`: info | synthetic | generate | chat | serve | bench | quantize.
+"""`kimivl-local`: info | synthetic | generate | chat | serve | bench | quantize | download | list |
+rm.
 
 Every subcommand parses its input and calls the library in-process. User mistakes end with one
 line on stderr (exit 2), never a traceback.
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--system", help="system prompt (default: the model's)")
         _sampling_args(p)
         _runtime_args(p)
+        _fetch_args(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("bench", help="measure load time, time to first token, tokens/s, memory")
@@ -100,13 +102,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=int, default=100,
                    help="largest upload or API request body, in MiB (default 100)")
     _runtime_args(p)
+    _fetch_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("download", help="fetch a Hugging Face repo's checkpoint (safetensors, "
+                       "JSON, tiktoken.model; never code) into the HF cache")
+    p.add_argument("repo", help="e.g. moonshotai/Kimi-VL-A3B-Instruct")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.set_defaults(func=_cache_command("cmd_download"))
+    p = sub.add_parser("list", help="checkpoints cached: downloaded, and quantized to fit")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cache_command("cmd_list"))
+    p = sub.add_parser("rm", help="remove quantized-to-fit entries from kimivl-local's cache")
+    p.add_argument("names", nargs="+", metavar="NAME", help="as `kimivl-local list` names them")
+    p.set_defaults(func=_cache_command("cmd_rm"))
 
     # Listed for --help only: main() hands `quantize ...` to kimivl_local.quantize.main.
     sub.add_parser("quantize", add_help=False,
                    help="compress a bf16 checkpoint (INT4/INT8 recipes, compressed-tensors "
                         "format); see `kimivl-local quantize --help`")
     return parser
+
+
+def _cache_command(name: str):
+    def run(args):
+        from . import cache_commands
+
+        return getattr(cache_commands, name)(args)
+    return run
 
 
 def _quantize_main(argv: list[str]) -> int:
@@ -164,6 +187,15 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "only (reference: slow, for debugging)")
 
 
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", help="branch, tag or commit of a repo id (default main)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a repo id that is not in the local cache without asking")
+    p.add_argument("--fit", action="store_true",
+                   help="when the checkpoint does not fit this machine but a quantize recipe "
+                        "would, quantize it into kimivl-local's cache without asking (once)")
+
+
 def load_options(args) -> dict:
     """kimivl_local.load keyword arguments from the runtime flags."""
     import torch
@@ -175,13 +207,17 @@ def load_options(args) -> dict:
 
 def _load(args):
     from . import load
+    from .prepare import prepare
 
     spec = args.model or args.model_pos
     if not spec:
         raise KimiVLError("no model given: pass a checkpoint folder or a Hugging Face repo id, "
                           "e.g. `kimivl-local chat --model moonshotai/Kimi-VL-A3B-Instruct`")
+    options = load_options(args)
+    folder = prepare(spec, args.revision, download=args.download, fit_flag=args.fit,
+                     options=options, max_context=args.max_context)
     t0 = time.perf_counter()
-    model = load(spec, max_context=args.max_context, **load_options(args))
+    model = load(folder, max_context=args.max_context, **options)
     print(f"loaded {model.path} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
           f"in {time.perf_counter() - t0:.1f}s; {model.memory_plan.summary()}", file=sys.stderr)
     return model

@@ -1,11 +1,9 @@
-"""Find a checkpoint (folder or Hugging Face repo id in the local cache), validate it strictly,
-and fill a model built on the meta device from the mmapped shards: one copy of the weights."""
+"""Validate a checkpoint folder strictly and fill a model built on the meta device from the
+mmapped shards: one copy of the weights. (Repo ids and the HF cache: hub.py.)"""
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .config import KimiVLConfig
-from .errors import ModelNotFoundError
+from .hub import resolve_model_path  # noqa: F401  (re-exported: its old home)
 from .memory_plan import Placement
 from .model.kimivl import KimiVLForConditionalGeneration, checkpoint_names
 from .quant.modules import swap_modules
@@ -24,47 +22,6 @@ log = logging.getLogger("kimivl_local")
 
 # (meta-device model, config, dtype) -> where each part goes; raises when it cannot fit.
 Planner = Callable[[nn.Module, KimiVLConfig, torch.dtype], Placement]
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hf_cache_dir() -> Path:
-    """The hub cache folder, honouring HF_HUB_CACHE and HF_HOME as huggingface_hub does."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
-    return Path(home).expanduser() / "hub"
-
-
-def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """A checkpoint folder, given as a path or as a repo id already in the local HF cache."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but has no config.json; point --model at "
-                                     "the checkpoint folder (the one holding config.json and the "
-                                     "*.safetensors files)")
-        return path
-    spec = str(spec)
-    if path.exists():
-        raise ModelNotFoundError(f"{path} is a file; --model needs the checkpoint folder")
-    if not _REPO_ID.match(spec):
-        raise ModelNotFoundError(f"no such folder: {path}")
-    repo = hf_cache_dir() / f"models--{spec.replace('/', '--')}"
-    snapshots = repo / "snapshots"
-    candidates = []
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    if snapshots.is_dir():
-        candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for snap in candidates:
-        if (snap / "config.json").is_file():
-            return snap
-    raise ModelNotFoundError(
-        f"{spec} is not a folder and is not in the local Hugging Face cache ({hf_cache_dir()}). "
-        f"kimivl-local runs offline: download the weights first, e.g. "
-        f"`huggingface-cli download {spec}`, or pass the checkpoint folder")
 
 
 def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",

@@ -269,6 +269,14 @@ def _resolve_device(device: str, cuda_available: bool) -> torch.device:
 
 
 def _host_total() -> int | None:
+    """The machine's memory, or KIMIVL_HOST_MEMORY_GB (a smaller budget: tests, shared hosts)."""
+    budget = os.environ.get("KIMIVL_HOST_MEMORY_GB")
+    if budget:
+        try:
+            return int(float(budget) * GiB)
+        except ValueError:
+            raise MemoryPlanError(f"KIMIVL_HOST_MEMORY_GB must be a number of GB, got "
+                                  f"{budget!r}") from None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
