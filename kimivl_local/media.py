@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .documents import format_pages, pdf_items
+from .documents import check_pdf, format_pages, pdf_items
 from .errors import ContextLengthError, InputError
-from .processor import ImageProcessor, token_count_for_size
+from .processor import ImageProcessor, open_image, token_count_for_size
 from .tokenizer import Messages, Tokenizer, is_image_item
-from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, video_items
+from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, check_video, video_items
 
 TAG = "_media"
 
@@ -36,6 +36,27 @@ def pdf_item(path: str | Path, pages: str | None = None, text_layer: bool = Fals
 def video_item(path: str | Path, fps: float = DEFAULT_FPS,
                max_frames: int = DEFAULT_MAX_FRAMES) -> dict:
     return {"type": "video", "video": str(path), "fps": fps, "max_frames": max_frames}
+
+
+def check_item(item) -> None:
+    """Refuse, before any model is loaded, an attachment that generate would refuse for its file
+    or options: an image that does not decode, a PDF that does not open or a page range it does
+    not have, a video that does not open or an fps/max_frames out of range. Limits that depend on
+    the model (image grid, context) are checked by generate."""
+    if not isinstance(item, Mapping):
+        return  # not an attachment: the template refuses it
+    if is_image_item(item):
+        from .multimodal import image_of  # imports the model code; only images need it
+
+        open_image(image_of(item))
+    elif _is_media(item):
+        kind = item["type"]
+        path = _media_path(item)
+        if kind == "pdf":
+            check_pdf(path, item.get("pages"))
+        else:
+            check_video(path, item.get("fps", DEFAULT_FPS),
+                        item.get("max_frames", DEFAULT_MAX_FRAMES))
 
 
 def expand_media(messages: Messages, processor: ImageProcessor, tokenizer: Tokenizer | None = None,
@@ -63,9 +84,7 @@ def expand_item(item, processor: ImageProcessor, max_context: int | None = None)
     if not _is_media(item):
         return [item]
     kind = item["type"]
-    path = item.get(kind)
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise InputError(f"a {kind} item needs a file path in {kind!r}, got {path!r}")
+    path = _media_path(item)
     if kind == "pdf":
         source = Source(Path(path).name, "page")
         text_layer = item.get("text_layer", False)
@@ -106,6 +125,14 @@ def check_fits(messages: Messages, tokenizer: Tokenizer, max_context: int) -> No
         return
     source = max(costs, key=lambda s: sum(costs[s].values()))
     raise _overflow(source, costs[source], total - sum(costs[source].values()), max_context)
+
+
+def _media_path(item: Mapping) -> str | Path:
+    kind = item["type"]
+    path = item.get(kind)
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise InputError(f"a {kind} item needs a file path in {kind!r}, got {path!r}")
+    return path
 
 
 def _is_media(item) -> bool:

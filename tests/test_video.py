@@ -202,7 +202,7 @@ def test_cli_generate_with_everything(tiny_checkpoint, tiny_model_fp32, mixed, c
     rc = main(["generate", str(tiny_checkpoint), "--video", str(pdf), "-p", "x"])
     assert rc == 2 and "doc.pdf: not a video" in capsys.readouterr().err
     rc = main(["generate", str(tiny_checkpoint), "--pdf", str(pdf.with_name("no.pdf")), "-p", "x"])
-    assert rc == 2 and "pdf not found" in capsys.readouterr().err
+    assert rc == 2 and "no.pdf: no such file" in capsys.readouterr().err
 
 
 def test_chat_attaches_pdf_and_video(tiny_model_fp32, mixed, capsys, monkeypatch):
