@@ -16,7 +16,7 @@ from pathlib import Path
 from .documents import check_pdf, format_pages, pdf_items
 from .errors import ContextLengthError, InputError
 from .processor import ImageProcessor, open_image, token_count_for_size
-from .tokenizer import Messages, Tokenizer, is_image_item
+from .tokenizer import Messages, Tokenizer, check_messages, is_image_item
 from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, check_video, video_items
 
 TAG = "_media"
@@ -67,6 +67,7 @@ def expand_media(messages: Messages, processor: ImageProcessor, tokenizer: Token
     tokenizer too, raise ContextLengthError naming the document when the whole prompt does not
     fit (plain text and images are left to the engine's own check).
     """
+    check_messages(messages)
     out = []
     for message in messages:
         content = message.get("content") if isinstance(message, Mapping) else None

@@ -120,50 +120,69 @@ def image_size(image: ImageInput, where: str | None = None) -> tuple[int, int]:
 
 
 def _decode(image: ImageInput, where: str, header_only: bool):
+    if isinstance(image, Image.Image):
+        return _checked(image, where, header_only)
     if isinstance(image, (bytes, bytearray, memoryview)):
         source = io.BytesIO(image)
     elif isinstance(image, (str, os.PathLike)):
-        source = image
-    elif not isinstance(image, Image.Image):
+        source = _open_file(image, where)
+    else:
         raise InputError(f"{where}: expected a PIL image, a path or image bytes, got "
                          f"{type(image).__name__}")
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below decides; PIL's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = image if isinstance(image, Image.Image) else Image.open(source)
+    with source:
         try:
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise InputError(f"{where}: the image is empty ({width}x{height} pixels)")
-            if width * height > MAX_PIXELS:  # from the header: nothing is decoded yet
-                raise InputError(f"{where}: refusing a possible decompression bomb: {width}x"
-                                 f"{height} is {width * height / 1e6:.1f} Mpx, over the "
-                                 f"{MAX_PIXELS / 1e6:.1f} Mpx limit")
-            return img.size if header_only else _to_rgb(img, where)
-        finally:
-            if img is not image:
-                img.close()
-    except InputError:
-        raise
-    except Image.DecompressionBombError as exc:  # PIL's own hard limit, if lower than ours
-        raise InputError(f"{where}: refusing a possible decompression bomb ({exc})") from None
+            with warnings.catch_warnings():
+                # Our own pixel limit decides; PIL's warning would only be noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(source)
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{where}: not an image, or not in a format Pillow reads (PNG, "
+                             "JPEG, GIF, WebP, BMP, TIFF, ...)") from None
+        except Exception as exc:  # noqa: BLE001 - see _checked
+            raise _corrupt(where, exc) from None
+        with img:
+            return _checked(img, where, header_only)
+
+
+def _open_file(path: str | os.PathLike, where: str):
+    try:
+        return open(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{where}: is a folder, not an image file") from None
-    except PermissionError:
-        raise InputError(f"{where}: permission denied") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{where}: not an image, or not in a format Pillow reads (PNG, JPEG, "
-                         "GIF, WebP, BMP, TIFF, ...)") from None
-    except MemoryError:
-        raise InputError(f"{where}: out of memory decoding the image") from None
+    except OSError as exc:
+        raise InputError(f"{where}: cannot open the file ({exc.strerror})") from None
+    except ValueError:  # a NUL byte in the path
+        raise InputError(f"{where}: not a valid file path") from None
+
+
+def _checked(img: Image.Image, where: str, header_only: bool):
+    """The size, or the RGB image: the pixel limit is checked on the header, before decoding."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InputError(f"{where}: the image is empty ({width}x{height} pixels)")
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{where}: refusing a possible decompression bomb: {width}x{height} is "
+                         f"{width * height / 1e6:.1f} Mpx, over the {MAX_PIXELS / 1e6:.1f} Mpx "
+                         "limit")
+    if header_only:
+        return width, height
+    try:
+        return _to_rgb(img, where)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError,
-        # ValueError, IndexError, struct.error, EOFError, ... on corrupt data: all mean the same.
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{where}: cannot decode the image, it is truncated or corrupt "
-                         f"({detail})") from None
+        # ValueError, IndexError, struct.error, EOFError, DecompressionBombError, ... on corrupt
+        # data: all mean the same to the user.
+        raise _corrupt(where, exc) from None
+
+
+def _corrupt(where: str, exc: Exception) -> InputError:
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own limit, if set lower than ours
+        return InputError(f"{where}: refusing a possible decompression bomb ({exc})")
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return InputError(f"{where}: cannot decode the image, it is truncated or corrupt ({detail})")
 
 
 class ImageProcessor:

@@ -159,6 +159,9 @@ def _video_stream(container, where: str):
     if not container.streams.video:
         raise InputError(f"{where}: has no video stream")
     stream = container.streams.video[0]
+    if stream.codec_context is None:  # e.g. an MP4 cut before its sample description
+        raise InputError(f"{where}: no decoder for its video stream (corrupt, or a codec "
+                         "FFmpeg lacks)")
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > MAX_PIXELS:
         raise InputError(f"{where}: refusing {width}x{height} frames ({width * height / 1e6:.1f} "
