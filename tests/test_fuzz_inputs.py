@@ -6,6 +6,7 @@ The budget is small so that the default run stays fast; raise it for a long loca
 KIMIVL_FUZZ_EXAMPLES=2000.
 """
 
+import base64
 import os
 import tempfile
 from pathlib import Path
@@ -113,28 +114,53 @@ def test_fuzz_videos(scratch, case, fps, max_frames):
                                         "max_frames": max_frames}))
 
 
-# Chat messages: the right shape with wrong values, and wrong shapes, nested anyhow.
+# Chat messages: mostly the right shape, with wrong values and wrong shapes mixed in.
+_FILES = tempfile.TemporaryDirectory()  # removed at exit
+_PDF_PATH = Path(_FILES.name, "doc.pdf")
+_PDF_PATH.write_bytes(PDF)
+_VIDEO_PATH = Path(_FILES.name, "clip.mkv")
+_VIDEO_PATH.write_bytes(VIDEOS["clip.mkv"])
+_DATA_URLS = ["data:image/png;base64," + base64.b64encode(IMAGES[f]).decode()
+              for f in ("PNG", "GIF")] + ["data:image/png;base64,iVBORw0KGgo=", "data:,"]
+
 _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
             | st.binary(max_size=8))
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
+_junk = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
-_values = _json | st.sampled_from(["user", "system", "assistant", "text", "image", "image_url",
-                                   "pdf", "video", "data:image/png;base64,iVBORw0KGgo=",
-                                   "data:,", "\x00", "<|im_end|>", "/dev/null", ""])
-_items = st.fixed_dictionaries(
-    {"type": st.sampled_from(["text", "image", "image_url", "pdf", "video", "audio"]) | _values},
-    optional={"text": st.text() | _values, "image": _values, "image_url": _values,
-              "pdf": _values, "video": _values, "pages": _values, "fps": _values,
-              "max_frames": _values, "text_layer": _values})
-_messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | _values},
-                          optional={"content": st.text() | st.lists(_items | _values, max_size=4)
-                                    | _values})
-    | _values, max_size=4)
+_text_item = st.fixed_dictionaries({"type": st.just("text"), "text": st.text()})
+_image_item = st.one_of(
+    st.fixed_dictionaries({"type": st.just("image"),
+                           "image": st.sampled_from(_DATA_URLS + ["/dev/null", "\x00", "",
+                                                                  str(_PDF_PATH)]) | _junk}),
+    st.fixed_dictionaries({"type": st.just("image_url"),
+                           "image_url": st.fixed_dictionaries(
+                               {"url": st.sampled_from(_DATA_URLS) | _junk}) | _junk}))
+_pdf_item = st.fixed_dictionaries(
+    {"type": st.just("pdf"), "pdf": st.just(str(_PDF_PATH)) | _junk},
+    optional={"pages": st.sampled_from(["1", "2", "1-2", "2-1", "3", "", "x"]) | _junk,
+              "text_layer": st.booleans() | _junk})
+_video_item = st.fixed_dictionaries(
+    {"type": st.just("video"), "video": st.just(str(_VIDEO_PATH)) | _junk},
+    optional={"fps": st.floats() | st.integers() | _junk,
+              "max_frames": st.integers(-2, 4) | _junk})
+_odd_item = st.fixed_dictionaries({"type": st.text(max_size=8) | _junk},
+                                  optional={"text": _junk, "image": _junk})
+
+
+def _mostly(valid, odds: int = 8):
+    """`valid`, and about one time in `odds` junk instead."""
+    return st.integers(1, 2 * odds).flatmap(lambda k: _junk if k == odds else valid)
+
+
+_items = _mostly(st.one_of(_text_item, _image_item, _pdf_item, _video_item, _odd_item))
+_message = st.fixed_dictionaries(
+    {"role": _mostly(st.sampled_from(["user", "assistant", "system"])),
+     "content": _mostly(st.text() | st.lists(_items, max_size=3))})
+_messages = _mostly(st.lists(_mostly(_message), max_size=3))
 
 
 @FUZZ
-@given(_messages | _values, st.booleans())
+@given(_messages, st.booleans())
 def test_fuzz_chat_encoder(tiny_model_fp32, messages, add_generation_prompt):
     # The loaded model's tokenizer: image items are sized and pdf/video items expanded by it.
     tokenizer = tiny_model_fp32.tokenizer
