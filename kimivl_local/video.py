@@ -65,13 +65,9 @@ def check_video(path: str | os.PathLike, fps: float = DEFAULT_FPS,
     file: missing, not a video, no video stream, no first frame."""
     where = os.fspath(path)
     check_options(fps, max_frames, where)
-    with _opened(where) as (av, container):
-        try:
-            stream = _video_stream(container, where)
-            if next(iter(container.decode(stream)), None) is None:
-                raise InputError(f"{where}: the video has no frames")
-        except av.error.FFmpegError as exc:
-            raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
+    with _opened(where) as container:
+        if next(iter(container.decode(_video_stream(container, where))), None) is None:
+            raise InputError(f"{where}: the video has no frames")
 
 
 def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
@@ -86,19 +82,13 @@ def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
     check_options(fps, max_frames, where)
     # Opened three times: finding the duration may read every packet, raw streams cannot seek
     # back to the start, and the keyframe probe must not move the decoder.
-    with _opened(where) as (av, container):
-        try:
-            duration = _duration(container, _video_stream(container, where))
-        except av.error.FFmpegError as exc:
-            raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
-    with _opened(where) as (av, container), _KeyframeProbe(where) as probe:
-        try:
-            stream = _video_stream(container, where)
-            stream.thread_type = "AUTO"
-            times = sample_times(duration, fps, max_frames)
-            frames, decoded = _frames_at(container, stream, times, probe.before)
-        except av.error.FFmpegError as exc:
-            raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
+    with _opened(where) as container:
+        duration = _duration(container, _video_stream(container, where))
+    with _opened(where) as container, _KeyframeProbe(where) as probe:
+        stream = _video_stream(container, where)
+        stream.thread_type = "AUTO"
+        times = sample_times(duration, fps, max_frames)
+        frames, decoded = _frames_at(container, stream, times, probe.before)
     log.debug("%s: decoded %d frames for %d samples", where, decoded, len(times))
     if not frames:
         raise InputError(f"{where}: the video has no frames")
@@ -109,7 +99,8 @@ def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
 
 @contextlib.contextmanager
 def _opened(where: str):
-    """(av, an input container), or InputError for a missing file, a non-video or no PyAV."""
+    """An input container; InputError for a missing file, no PyAV, or FFmpeg failing on the file
+    (when opening it or in the with block)."""
     try:
         import av
     except ImportError:
@@ -117,11 +108,10 @@ def _opened(where: str):
     if not os.path.isfile(where):
         raise InputError(f"{where}: no such file")
     try:
-        container = av.open(where, metadata_errors="replace")
+        with av.open(where, metadata_errors="replace") as container:
+            yield container
     except av.error.FFmpegError as exc:
         raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
-    with container:
-        yield av, container
 
 
 class _KeyframeProbe:
@@ -226,7 +216,7 @@ def _frames_at(container, stream, times: list[float], keyframe_before,
         previous = (frame, t)
         # Far from the next sample, seek only when the keyframe the seek lands on lies ahead:
         # with keyframes sparser than samples, starting again from one behind us would decode
-        # the same frames once per sample (a one-keyframe hour: 18 s for 16 frames, not 1.2 s).
+        # the same stretch of the clip once per sample.
         if k < len(times) and k != probed and frame.time is not None \
                 and times[k] - t > SEEK_GAP_S:
             probed = k
