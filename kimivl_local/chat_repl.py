@@ -141,7 +141,8 @@ class ChatRepl:
         except KeyboardInterrupt:
             print("\n(stopped)", end="")
         except KimiVLError as exc:
-            print(f"error: {exc}")
+            kept = " (the attachments wait for your next message; /drop forgets them)"
+            print(f"error: {exc}{kept if self.pending else ''}")
             return  # the turn did not happen: keep history and attached images as they were
         if self.color:
             sys.stdout.write("\033[0m")

@@ -187,7 +187,9 @@ def test_chat_refuses_a_bad_attachment_and_drops_pending_ones(tiny_model_fp32, f
     repl.command(f"/image {files / 'good.png'}")
     repl.command(f"/pdf {files / 'doc.pdf'}")
     assert len(repl.pending) == 3  # the image; the page's label and image
-    capsys.readouterr()
+    repl.sampling = {"max_new_tokens": 0}  # a turn that fails keeps them, and says how to drop
+    repl.answer("and now?")
+    assert "/drop forgets them" in capsys.readouterr().out and len(repl.pending) == 3
     repl.command("/drop")
     assert capsys.readouterr().out.strip() == "(dropped good.png, doc.pdf)"
     assert not repl.pending and len(repl.history) == 2  # the conversation stays
