@@ -24,7 +24,7 @@ from kimivl_local.processor import ImageProcessor
 from kimivl_local.video import video_items
 from media_files import write_pdf, write_video
 
-FUZZ = settings(max_examples=int(os.environ.get("KIMIVL_FUZZ_EXAMPLES", 40)), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("KIMIVL_FUZZ_EXAMPLES", 100)), deadline=None,
                 database=None, suppress_health_check=[HealthCheck.too_slow])
 PROC = ImageProcessor(PreprocessorConfig(), in_token_limit=256)  # small renders: fast examples
 
