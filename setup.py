@@ -132,7 +132,8 @@ setup(
         # compressed-tensors is the oracle for the quantized format (0.20 for its model-free
         # dequantizer; its torch>=2.10 is met by the CPU torch, which it leaves in place).
         "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf[crypto]>=4", "av>=18",
-                 "openai>=1.40", "playwright>=1.40", "compressed-tensors>=0.20"],
+                 "openai>=1.40", "playwright>=1.40", "compressed-tensors>=0.20",
+                 "hypothesis>=6"],  # fuzzes the input gates (tests/test_fuzz_inputs.py)
     },
     entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
     zip_safe=False,

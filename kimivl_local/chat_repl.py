@@ -1,5 +1,5 @@
-"""The terminal chat loop behind `kimivl-local chat`: history, /image, /pdf, /video, /reset,
-streaming."""
+"""The terminal chat loop behind `kimivl-local chat`: history, /image, /pdf, /video, /drop,
+/reset, streaming. An attachment is checked when attached; one that is refused is not kept."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from .errors import KimiVLError
-from .media import expand_item, pdf_item, video_item
+from .media import TAG, check_item, expand_item, pdf_item, video_item
 from .thinking import ThinkingSplitter
 
 HELP = """commands:
   /image PATH          attach an image to your next message (repeatable)
   /pdf PATH [PAGES]    attach a PDF's pages (all, or e.g. 1-3,5) to your next message
   /video PATH          attach a video's sampled frames to your next message
+  /drop                forget the attachments not sent yet (keeps the conversation)
   /reset               forget the conversation and attachments
   /help                this help
   /exit                leave (or Ctrl-D); Ctrl-C stops an answer"""
@@ -67,6 +68,9 @@ class ChatRepl:
             return "exit"
         if name == "/help":
             print(HELP)
+        elif name == "/drop":
+            print(f"(dropped {self._pending_names()})" if self.pending else "(nothing attached)")
+            self.pending.clear()
         elif name == "/reset":
             self.history.clear()
             self.pending.clear()
@@ -90,22 +94,32 @@ class ChatRepl:
         if not path.is_file():
             print(f"error: {kind} not found: {path}")
             return
-        if kind == "image":
-            self.pending.append({"type": "image", "image": str(path)})
-            print(f"(attached {path.name}; it goes with your next message)")
-            return
         opts = self.media_options
-        item = (pdf_item(path, pages, opts["text_layer"]) if kind == "pdf"
+        item = ({"type": "image", "image": str(path)} if kind == "image"
+                else pdf_item(path, pages, opts["text_layer"]) if kind == "pdf"
                 else video_item(path, opts["fps"], opts["max_frames"]))
         try:
+            check_item(item)  # an image is decoded here, not at the next message
+            if kind == "image":  # and its patch grid checked against this model
+                self.model.processor.num_tokens(str(path))
             items = self._expand(item)
         except KimiVLError as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc} (not attached)")
             return
         self.pending += items
+        if kind == "image":
+            print(f"(attached {path.name}; it goes with your next message; /drop to undo)")
+            return
         count = sum(1 for x in items if x.get("type") == "image")
         unit = ("page" if kind == "pdf" else "frame") + ("s" if count != 1 else "")
-        print(f"(attached {path.name}: {count} {unit}; it goes with your next message)")
+        print(f"(attached {path.name}: {count} {unit}; it goes with your next message; /drop to "
+              "undo)")
+
+    def _pending_names(self) -> str:
+        """The pending attachments by file name: a PDF's or video's items count once."""
+        names = [item[TAG][0].name if TAG in item else Path(str(item.get("image"))).name
+                 for item in self.pending]
+        return ", ".join(dict.fromkeys(names))
 
     def _expand(self, item: dict) -> list[dict]:
         return expand_item(item, self.model.processor, self.model.engine.max_context)
@@ -127,7 +141,8 @@ class ChatRepl:
         except KeyboardInterrupt:
             print("\n(stopped)", end="")
         except KimiVLError as exc:
-            print(f"error: {exc}")
+            kept = " (the attachments wait for your next message; /drop forgets them)"
+            print(f"error: {exc}{kept if self.pending else ''}")
             return  # the turn did not happen: keep history and attached images as they were
         if self.color:
             sys.stdout.write("\033[0m")

@@ -224,6 +224,12 @@ def _load(args):
 
 
 def _sampling(args) -> dict:
+    """generate()'s sampling keywords, checked here so that a bad value fails before the load."""
+    from .sampling import SamplingParams
+
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.max_new_tokens < 1:
+        raise KimiVLError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
@@ -234,17 +240,21 @@ def _media_options(args) -> dict:
 
 
 def _attachments(args) -> list[dict]:
-    """Message items for --image, --pdf and --video, after checking that the files exist."""
-    from .media import pdf_item, video_item
+    """Message items for --image, --pdf and --video, each checked (decoded, opened, its page
+    range and the video options read) before the model loads."""
+    from .media import check_item, pdf_item, video_item
+    from .video import check_options
 
-    for kind in ("image", "pdf", "video"):
-        for path in getattr(args, kind):
-            if not path.is_file():
-                raise KimiVLError(f"{kind} not found: {path}")
+    check_options(args.fps, args.max_frames, "--fps/--max-frames")
+    if args.pages is not None and not args.pdf:
+        raise KimiVLError(f"--pages {args.pages} selects pages of a --pdf, and none was given")
     options = _media_options(args)
-    return ([{"type": "image", "image": str(p)} for p in args.image]
-            + [pdf_item(p, args.pages, options["text_layer"]) for p in args.pdf]
-            + [video_item(p, options["fps"], options["max_frames"]) for p in args.video])
+    items = ([{"type": "image", "image": str(p)} for p in args.image]
+             + [pdf_item(p, args.pages, options["text_layer"]) for p in args.pdf]
+             + [video_item(p, options["fps"], options["max_frames"]) for p in args.video])
+    for item in items:
+        check_item(item)
+    return items
 
 
 def _user_message(text: str, items: list[dict]) -> dict:
@@ -254,12 +264,12 @@ def _user_message(text: str, items: list[dict]) -> dict:
 
 
 def cmd_generate(args) -> int:
-    attachments = _attachments(args)
+    sampling, attachments = _sampling(args), _attachments(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     model = _load(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append(_user_message(prompt, attachments))
-    for piece in model.generate(messages, **_sampling(args)):
+    for piece in model.generate(messages, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -276,9 +286,8 @@ def _stats_line(stats) -> str:
 def cmd_chat(args) -> int:
     from .chat_repl import ChatRepl
 
-    attachments = _attachments(args)
-    return ChatRepl(_load(args), args.system, _sampling(args), attachments,
-                    _media_options(args)).run()
+    sampling, attachments = _sampling(args), _attachments(args)
+    return ChatRepl(_load(args), args.system, sampling, attachments, _media_options(args)).run()
 
 
 def cmd_bench(args) -> int:

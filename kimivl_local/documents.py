@@ -83,6 +83,15 @@ def render_scale(width_pt: float, height_pt: float, patch_limit: int, patch_size
     return lo
 
 
+def check_pdf(path: str | os.PathLike, pages: str | None = None) -> list[int]:
+    """The selected page numbers, after the checks pdf_items makes before rendering: the file
+    opens (not encrypted, not corrupt, has pages) and `pages` is a valid range for it."""
+    where = os.fspath(path)
+    pdfium = _pdfium()
+    with _open(pdfium, where) as pdf:
+        return parse_pages(pages, len(pdf), where)
+
+
 def pdf_items(path: str | os.PathLike, processor: ImageProcessor, pages: str | None = None,
               text_layer: bool = False,
               before_render: Callable[[list[int], list[tuple[int, int]]], None] | None = None,
@@ -152,4 +161,4 @@ def _open(pdfium, where: str):
         if exc.err_code == pdfium.raw.FPDF_ERR_FILE:
             raise InputError(f"{where}: cannot read the file") from None
         # PDFium also refuses a document without pages, reporting no particular error.
-        raise InputError(f"{where}: not a PDF, or a corrupt one") from None
+        raise InputError(f"{where}: not a PDF, or a corrupt one (or one without pages)") from None

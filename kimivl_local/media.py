@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .documents import format_pages, pdf_items
+from .documents import check_pdf, format_pages, pdf_items
 from .errors import ContextLengthError, InputError
-from .processor import ImageProcessor, token_count_for_size
-from .tokenizer import Messages, Tokenizer, is_image_item
-from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, video_items
+from .processor import ImageProcessor, open_image, token_count_for_size
+from .tokenizer import Messages, Tokenizer, check_messages, is_image_item
+from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, check_video, video_items
 
 TAG = "_media"
 
@@ -38,6 +38,27 @@ def video_item(path: str | Path, fps: float = DEFAULT_FPS,
     return {"type": "video", "video": str(path), "fps": fps, "max_frames": max_frames}
 
 
+def check_item(item) -> None:
+    """Refuse, before any model is loaded, an attachment that generate would refuse for its file
+    or options: an image that does not decode, a PDF that does not open or a page range it does
+    not have, a video that does not open or an fps/max_frames out of range. Limits that depend on
+    the model (image grid, context) are checked by generate."""
+    if not isinstance(item, Mapping):
+        return  # not an attachment: the template refuses it
+    if is_image_item(item):
+        from .multimodal import image_of  # imports the model code; only images need it
+
+        open_image(image_of(item))
+    elif _is_media(item):
+        kind = item["type"]
+        path = _media_path(item)
+        if kind == "pdf":
+            check_pdf(path, item.get("pages"))
+        else:
+            check_video(path, item.get("fps", DEFAULT_FPS),
+                        item.get("max_frames", DEFAULT_MAX_FRAMES))
+
+
 def expand_media(messages: Messages, processor: ImageProcessor, tokenizer: Tokenizer | None = None,
                  max_context: int | None = None) -> list[dict]:
     """`messages` with every pdf/video item replaced by its text and image items.
@@ -46,6 +67,7 @@ def expand_media(messages: Messages, processor: ImageProcessor, tokenizer: Token
     tokenizer too, raise ContextLengthError naming the document when the whole prompt does not
     fit (plain text and images are left to the engine's own check).
     """
+    check_messages(messages)
     out = []
     for message in messages:
         content = message.get("content") if isinstance(message, Mapping) else None
@@ -63,9 +85,7 @@ def expand_item(item, processor: ImageProcessor, max_context: int | None = None)
     if not _is_media(item):
         return [item]
     kind = item["type"]
-    path = item.get(kind)
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise InputError(f"a {kind} item needs a file path in {kind!r}, got {path!r}")
+    path = _media_path(item)
     if kind == "pdf":
         source = Source(Path(path).name, "page")
         text_layer = item.get("text_layer", False)
@@ -106,6 +126,14 @@ def check_fits(messages: Messages, tokenizer: Tokenizer, max_context: int) -> No
         return
     source = max(costs, key=lambda s: sum(costs[s].values()))
     raise _overflow(source, costs[source], total - sum(costs[source].values()), max_context)
+
+
+def _media_path(item: Mapping) -> str | Path:
+    kind = item["type"]
+    path = item.get(kind)
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise InputError(f"a {kind} item needs a file path in {kind!r}, got {path!r}")
+    return path
 
 
 def _is_media(item) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -19,12 +18,13 @@ from PIL import Image
 from .errors import InputError
 from .generate import Prompt
 from .model.kimivl import KimiVLForConditionalGeneration
-from .processor import ImageInput, ImageProcessor
+from .processor import ImageInput, ImageProcessor, describe
 from .tokenizer import Tokenizer, is_image_item
 
 
 def image_of(item: Mapping) -> ImageInput:
-    """The image of a message item: a PIL image, a path, a file:// or a data: URL."""
+    """The image of a message item: a PIL image, a path, a file:// or a data: URL (returned as
+    the file's bytes: like every image, it is decoded only by processor.open_image)."""
     value = item.get("image", item.get("image_url"))
     if isinstance(value, Mapping):  # OpenAI style {"image_url": {"url": ...}}
         value = value.get("url")
@@ -34,10 +34,13 @@ def image_of(item: Mapping) -> ImageInput:
         raise InputError(f"an image item needs a PIL image, a path or a URL, got {value!r}")
     if value.startswith("data:"):
         try:
-            payload = value.split(",", 1)[1]
-            return Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        except Exception:  # noqa: BLE001 - any decoding failure means the same to the user
-            raise InputError("cannot decode the data: URL image (expected base64 image data)") from None
+            header, payload = value.split(",", 1)
+            if not header.endswith(";base64"):
+                raise ValueError(header)
+            return base64.b64decode(payload, validate=True)
+        except ValueError:  # binascii.Error included
+            raise InputError("cannot decode the data: URL image (expected data:image/...;base64,"
+                             "...)") from None
     if value.startswith("file://"):
         return value[len("file://"):]
     if value.startswith(("http://", "https://")):
@@ -68,10 +71,9 @@ class ImageEncoder:
         """(digest, pixel_values, grid_hw [1, 2]) per image."""
         out = []
         for i, image in enumerate(images):
-            try:
-                p = self.processor.preprocess([image])
-            except InputError as exc:
-                raise InputError(f"image {i + 1}: {exc}") from None
+            path = describe(image, "")
+            where = f"image {i + 1} ({path})" if path else f"image {i + 1}"
+            p = self.processor.preprocess([image], [where])
             h = hashlib.sha1(p.grid_hws.numpy().tobytes())
             h.update(p.pixel_values.numpy().tobytes())
             out.append((h.hexdigest(), p.pixel_values, p.grid_hws))

@@ -1,12 +1,15 @@
 """Images -> MoonViT patches and placeholder counts (reference §4.1).
 
-Per image: decode with PIL (first frame, EXIF orientation applied, any mode to 8-bit RGB),
+Per image: decode through `open_image`, the one gate for every path (CLI, app, API, PDF pages,
+video frames): a pixel limit checked on the header before decoding, and every decoder failure an
+InputError naming the image. Then (first frame, EXIF orientation applied, any mode to 8-bit RGB),
 down-scale with PIL bicubic only above `in_token_limit` raw patches, zero-pad right/bottom to
 multiples of patch x merge (pad_input) before normalising, then cut 14x14 patches in raster order.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -20,10 +23,15 @@ from PIL import Image, ImageOps
 from .config import PreprocessorConfig
 from .errors import InputError
 
-ImageInput = Union[Image.Image, str, os.PathLike]
+# A PIL image, a file path, or the bytes of an image file (a data: URL's payload).
+ImageInput = Union[Image.Image, str, os.PathLike, bytes]
 
 # MoonViT's 2-D RoPE table is 512x512; the reference refuses grids that reach it ("Exceed pos emb").
 MAX_GRID = 512
+
+# The most pixels an image may declare: PIL's default bomb threshold, fixed here so that nothing
+# else in the process (PIL's global setting) can lift it. Checked on the header, before decoding.
+MAX_PIXELS = 89_478_485
 
 # PIL clips wider-than-8-bit samples to 0..255 when converting to RGB; scale them from their range
 # instead ("I" is how older Pillow and some TIFFs carry 16-bit samples; float images are 0..1).
@@ -95,25 +103,86 @@ def _to_rgb(img: Image.Image, where: str) -> Image.Image:
         raise InputError(f"{where}: cannot convert a {img.mode} image to RGB ({exc})") from None
 
 
-def _open(path: str | os.PathLike, header_only: bool = False) -> Image.Image | tuple[int, int]:
-    """Decode an image file to RGB (or read just its size), refusing bombs and non-images."""
-    where = os.fspath(path)
+def describe(image: ImageInput, default: str) -> str:
+    """How messages name an image: its path, else `default` (e.g. "image 2")."""
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else default
+
+
+def open_image(image: ImageInput, where: str | None = None) -> Image.Image:
+    """The one gate every image passes (files, uploads, data: URLs, PDF pages, video frames):
+    8-bit RGB, or InputError naming `where` (default: the path, else "image")."""
+    return _decode(image, where or describe(image, "image"), header_only=False)
+
+
+def image_size(image: ImageInput, where: str | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone, through the same checks as open_image."""
+    return _decode(image, where or describe(image, "image"), header_only=True)
+
+
+def _decode(image: ImageInput, where: str, header_only: bool):
+    if isinstance(image, Image.Image):
+        return _checked(image, where, header_only)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(image)
+    elif isinstance(image, (str, os.PathLike)):
+        source = _open_file(image, where)
+    else:
+        raise InputError(f"{where}: expected a PIL image, a path or image bytes, got "
+                         f"{type(image).__name__}")
+    with source:
+        try:
+            with warnings.catch_warnings():
+                # Our own pixel limit decides; PIL's warning would only be noise.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(source)
+        except Image.UnidentifiedImageError:
+            raise InputError(f"{where}: not an image, or not in a format Pillow reads (PNG, "
+                             "JPEG, GIF, WebP, BMP, TIFF, ...)") from None
+        except Exception as exc:  # noqa: BLE001 - see _checked
+            raise _corrupt(where, exc) from None
+        with img:
+            return _checked(img, where, header_only)
+
+
+def _open_file(path: str | os.PathLike, where: str):
     try:
-        # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; refuse both.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if header_only:
-                    return img.size
-                return _to_rgb(img, where)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{where}: refusing a possible decompression bomb ({exc})") from None
+        return open(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{where}: no such file") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{where}: not an image PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data, unreadable file
-        raise InputError(f"{where}: cannot read the image ({exc})") from None
+    except IsADirectoryError:
+        raise InputError(f"{where}: is a folder, not an image file") from None
+    except OSError as exc:
+        raise InputError(f"{where}: cannot open the file ({exc.strerror})") from None
+    except ValueError:  # a NUL byte in the path
+        raise InputError(f"{where}: not a valid file path") from None
+
+
+def _checked(img: Image.Image, where: str, header_only: bool):
+    """The size, or the RGB image: the pixel limit is checked on the header, before decoding."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InputError(f"{where}: the image is empty ({width}x{height} pixels)")
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{where}: refusing a possible decompression bomb: {width}x{height} is "
+                         f"{width * height / 1e6:.1f} Mpx, over the {MAX_PIXELS / 1e6:.1f} Mpx "
+                         "limit")
+    if header_only:
+        return width, height
+    try:
+        return _to_rgb(img, where)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError,
+        # ValueError, IndexError, struct.error, EOFError, DecompressionBombError, ... on corrupt
+        # data: all mean the same to the user.
+        raise _corrupt(where, exc) from None
+
+
+def _corrupt(where: str, exc: Exception) -> InputError:
+    if isinstance(exc, Image.DecompressionBombError):  # PIL's own limit, if set lower than ours
+        return InputError(f"{where}: refusing a possible decompression bomb ({exc})")
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return InputError(f"{where}: cannot decode the image, it is truncated or corrupt ({detail})")
 
 
 class ImageProcessor:
@@ -127,25 +196,24 @@ class ImageProcessor:
         self._mean = torch.tensor(cfg.image_mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(cfg.image_std, dtype=torch.float32).view(3, 1, 1)
 
-    def num_tokens(self, image: ImageInput) -> int:
-        """Merged tokens (placeholder count) for one image; a path is read for its header only.
+    def num_tokens(self, image: ImageInput, where: str | None = None) -> int:
+        """Merged tokens (placeholder count) for one image; a file is read for its header only.
 
         EXIF orientation is ignored here: swapping W and H leaves the count unchanged.
         """
-        if isinstance(image, Image.Image):
-            size, where = image.size, "image"
-        else:
-            size, where = _open(image, header_only=True), os.fspath(image)
-        _, (gh, gw) = _grid(*size, self.cfg, self.in_token_limit, where)
+        where = where or describe(image, "image")
+        _, (gh, gw) = _grid(*image_size(image, where), self.cfg, self.in_token_limit, where)
         mh, mw = self.cfg.merge_kernel_size
         return gh * gw // (mh * mw)
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> ProcessedImages:
-        if isinstance(images, (Image.Image, str, os.PathLike)):
+    def preprocess(self, images: ImageInput | Sequence[ImageInput],
+                   names: Sequence[str] | None = None) -> ProcessedImages:
+        """names: how errors name each image (default: its path, else "image N")."""
+        if isinstance(images, (Image.Image, str, os.PathLike, bytes)):
             images = [images]
         patches, grids = [], []
         for i, image in enumerate(images):
-            p, grid = self._one(image, f"image {i}")
+            p, grid = self._one(image, names[i] if names else describe(image, f"image {i + 1}"))
             patches.append(p)
             grids.append(grid)
         size = self.cfg.patch_size
@@ -153,13 +221,7 @@ class ImageProcessor:
         return ProcessedImages(pixel_values, torch.tensor(grids, dtype=torch.int64).view(-1, 2))
 
     def _one(self, image: ImageInput, where: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        if isinstance(image, Image.Image):
-            img = _to_rgb(image, where)
-        elif isinstance(image, (str, os.PathLike)):
-            img = _open(image)
-            where = os.fspath(image)
-        else:
-            raise InputError(f"{where}: expected a PIL image or a path, got {type(image).__name__}")
+        img = open_image(image, where)
         (width, height), (gh, gw) = _grid(*img.size, self.cfg, self.in_token_limit, where)
         if (width, height) != img.size:
             img = img.resize((width, height), Image.Resampling.BICUBIC)  # antialiased, as the reference

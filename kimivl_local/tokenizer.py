@@ -300,11 +300,12 @@ def _chat_parts(messages: Messages, add_generation_prompt: bool) -> list[tuple[s
     def turn(role: str) -> None:
         parts.extend([("control", ROLE_TOKENS[role]), ("text", role), ("control", "<|im_middle|>")])
 
+    check_messages(messages)
     for index, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             raise InputError(f"message {index} must be a dict with 'role' and 'content'")
         role = msg.get("role")
-        if role not in ROLE_TOKENS:
+        if not isinstance(role, str) or role not in ROLE_TOKENS:
             raise InputError(
                 f"message {index}: role must be one of {sorted(ROLE_TOKENS)}, not {role!r}"
             )
@@ -324,6 +325,13 @@ def _chat_parts(messages: Messages, add_generation_prompt: bool) -> list[tuple[s
     if add_generation_prompt:
         turn("assistant")
     return parts
+
+
+def check_messages(messages: Any) -> None:
+    """InputError unless `messages` is a list (or other sequence) of messages."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise InputError("messages must be a list of {'role': ..., 'content': ...} dicts, not "
+                         f"{type(messages).__name__}")
 
 
 def _item_parts(item: Any, where: str) -> list[tuple[str, Any]]:

@@ -2,25 +2,35 @@
 
 Kimi-VL has no video path of its own (reference §8): a clip is fed as frames, each a separate
 image. Frames are taken at `fps` from the start; when that gives more than `max_frames`, the
-frames are spread uniformly over the whole clip instead.
+frames are spread uniformly over the whole clip instead. The image gate's pixel limit
+(processor.MAX_PIXELS) applies to the stream's frame size, before anything is decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 
 from PIL import Image
 
 from .errors import InputError
+from .processor import MAX_PIXELS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 16
 # Raw 14x14 patches per frame (~256 image tokens): the default 16 frames then fit the default
 # 8192-token context, where full-budget frames (~1024 tokens each) would not.
 FRAME_PATCHES = 1024
-# Past this gap to the next sample, seek (to the keyframe before it) instead of decoding through.
+# Past this gap to the next sample, consider seeking (to the keyframe before it) instead of
+# decoding through.
 SEEK_GAP_S = 10.0
+# Sampling faster than any camera records only repeats frames; the bound keeps the frame count
+# finite (1e308 fps overflowed).
+MAX_FPS = 1000.0
 
 
 def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
@@ -40,6 +50,26 @@ def timestamp(seconds: float) -> str:
     return f"[{hours}:{clock}]" if hours else f"[{clock}]"
 
 
+def check_options(fps, max_frames, where: str = "video") -> None:
+    """InputError unless fps is a number in (0, MAX_FPS] and max_frames a positive integer."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+        raise InputError(f"{where}: fps must be a number above 0 and at most {MAX_FPS:g}, "
+                         f"got {fps!r}")
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise InputError(f"{where}: max_frames must be a positive integer, got {max_frames!r}")
+
+
+def check_video(path: str | os.PathLike, fps: float = DEFAULT_FPS,
+                max_frames: int = DEFAULT_MAX_FRAMES) -> None:
+    """Refuse, without decoding the clip, what video_items would refuse for its options or the
+    file: missing, not a video, no video stream, no first frame."""
+    where = os.fspath(path)
+    check_options(fps, max_frames, where)
+    with _opened(where) as container:
+        if next(iter(container.decode(_video_stream(container, where))), None) is None:
+            raise InputError(f"{where}: the video has no frames")
+
+
 def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
                 max_frames: int = DEFAULT_MAX_FRAMES,
                 frame_patches: int = FRAME_PATCHES) -> list[tuple[float, list[dict]]]:
@@ -49,27 +79,17 @@ def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
     rotation applied) and down-scaled to at most `frame_patches` raw 14x14 patches.
     """
     where = os.fspath(path)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < math.inf:
-        raise InputError(f"{where}: fps must be a positive number, got {fps!r}")
-    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
-        raise InputError(f"{where}: max_frames must be a positive integer, got {max_frames!r}")
-    try:
-        import av
-    except ImportError:
-        raise InputError("video input needs PyAV: pip install av") from None
-    if not os.path.isfile(where):
-        raise InputError(f"{where}: no such file")
-    try:
-        # Opened twice: finding the duration may read every packet, and raw streams cannot seek
-        # back to the start.
-        with av.open(where, metadata_errors="replace") as container:
-            duration = _duration(container, _video_stream(container, where))
-        with av.open(where, metadata_errors="replace") as container:
-            stream = _video_stream(container, where)
-            stream.thread_type = "AUTO"
-            frames = _frames_at(container, stream, sample_times(duration, fps, max_frames))
-    except av.error.FFmpegError as exc:
-        raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
+    check_options(fps, max_frames, where)
+    # Opened three times: finding the duration may read every packet, raw streams cannot seek
+    # back to the start, and the keyframe probe must not move the decoder.
+    with _opened(where) as container:
+        duration = _duration(container, _video_stream(container, where))
+    with _opened(where) as container, _KeyframeProbe(where) as probe:
+        stream = _video_stream(container, where)
+        stream.thread_type = "AUTO"
+        times = sample_times(duration, fps, max_frames)
+        frames, decoded = _frames_at(container, stream, times, probe.before)
+    log.debug("%s: decoded %d frames for %d samples", where, decoded, len(times))
     if not frames:
         raise InputError(f"{where}: the video has no frames")
     return [(t, [{"type": "text", "text": timestamp(t)},
@@ -77,10 +97,66 @@ def video_items(path: str | os.PathLike, fps: float = DEFAULT_FPS,
             for t, image in frames]
 
 
+@contextlib.contextmanager
+def _opened(where: str):
+    """An input container; InputError for a missing file, no PyAV, or FFmpeg failing on the file
+    (when opening it or in the with block)."""
+    try:
+        import av
+    except ImportError:
+        raise InputError("video input needs PyAV: pip install av") from None
+    if not os.path.isfile(where):
+        raise InputError(f"{where}: no such file")
+    try:
+        with av.open(where, metadata_errors="replace") as container:
+            yield container
+    except av.error.FFmpegError as exc:
+        raise InputError(f"{where}: not a video PyAV can read ({exc})") from None
+
+
+class _KeyframeProbe:
+    """Where a backward seek would land, read by a second demuxer so the decoder keeps its place."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.container = None
+
+    def __enter__(self) -> _KeyframeProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.container is not None:
+            self.container.close()
+
+    def before(self, seconds: float) -> float | None:
+        """Stream time of the keyframe a backward seek to `seconds` lands on; None if unknown."""
+        import av
+
+        try:
+            if self.container is None:
+                self.container = av.open(self.where, metadata_errors="replace")
+            stream = self.container.streams.video[0]
+            self.container.seek(round(seconds / stream.time_base), stream=stream, backward=True)
+            for packet in self.container.demux(stream):
+                if packet.pts is not None:
+                    return float(packet.pts * stream.time_base) if packet.is_keyframe else None
+        except av.error.FFmpegError:
+            pass  # then the caller decodes on, which is always correct
+        return None
+
+
 def _video_stream(container, where: str):
     if not container.streams.video:
         raise InputError(f"{where}: has no video stream")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # e.g. an MP4 cut before its sample description
+        raise InputError(f"{where}: no decoder for its video stream (corrupt, or a codec "
+                         "FFmpeg lacks)")
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{where}: refusing {width}x{height} frames ({width * height / 1e6:.1f} "
+                         f"Mpx, over the {MAX_PIXELS / 1e6:.1f} Mpx limit for one image)")
+    return stream
 
 
 def _start(stream) -> float:
@@ -93,9 +169,9 @@ def _rate(stream) -> float:
 
 def _duration(container, stream) -> float:
     """Seconds, from the headers or else from packet timestamps (browser WebM, raw streams)."""
-    if stream.duration is not None:
+    if stream.duration is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None:
+    if container.duration is not None and container.duration > 0:
         return container.duration / 1_000_000  # AV_TIME_BASE
     count, end = 0, None
     for packet in container.demux(stream):
@@ -107,8 +183,10 @@ def _duration(container, stream) -> float:
     return end - _start(stream) if end is not None else count / _rate(stream)
 
 
-def _frames_at(container, stream, times: list[float]) -> list[tuple[float, Image.Image]]:
-    """(seconds, RGB image) of the frame on screen at each time; a frame is taken once."""
+def _frames_at(container, stream, times: list[float], keyframe_before,
+               ) -> tuple[list[tuple[float, Image.Image]], int]:
+    """((seconds, RGB image) of the frame on screen at each time, frames decoded); a frame is
+    taken once. keyframe_before(stream seconds) says where a seek there would land."""
     start, rate = _start(stream), _rate(stream)
     taken: list[tuple[float, Image.Image]] = []
 
@@ -121,13 +199,14 @@ def _frames_at(container, stream, times: list[float]) -> list[tuple[float, Image
         taken.append((t, image))
 
     frames = iter(container.decode(stream))
-    index, previous, k, sought = 0, None, 0, -1
+    index, decoded, previous, k, probed = 0, 0, None, 0, -1
     while k < len(times):
         frame = next(frames, None)
         if frame is None:  # past the end: the last frame stays on screen
             if previous is not None:
                 take(*previous)
             break
+        decoded += 1
         # Raw streams carry no timestamps: count frames at the nominal rate.
         t = frame.time - start if frame.time is not None else index / rate
         index += 1
@@ -135,13 +214,18 @@ def _frames_at(container, stream, times: list[float]) -> list[tuple[float, Image
             take(*(previous or (frame, t)))
             k += 1
         previous = (frame, t)
-        # Seek once per sample: the keyframe before it may lie behind us (long GOPs).
-        if k < len(times) and k != sought and frame.time is not None \
+        # Far from the next sample, seek only when the keyframe the seek lands on lies ahead:
+        # with keyframes sparser than samples, starting again from one behind us would decode
+        # the same stretch of the clip once per sample.
+        if k < len(times) and k != probed and frame.time is not None \
                 and times[k] - t > SEEK_GAP_S:
-            container.seek(round((times[k] + start) / stream.time_base), stream=stream,
-                           backward=True)
-            frames, previous, sought = iter(container.decode(stream)), None, k
-    return taken
+            probed = k
+            key = keyframe_before(times[k] + start)
+            if key is not None and t < key - start <= times[k] + 1e-6:
+                container.seek(round((times[k] + start) / stream.time_base), stream=stream,
+                               backward=True)
+                frames, previous = iter(container.decode(stream)), None
+    return taken, decoded
 
 
 def _shrink(image: Image.Image, patches: int, patch_size: int = 14) -> Image.Image:

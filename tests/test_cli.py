@@ -114,3 +114,84 @@ def test_generate_with_images(tiny_checkpoint, tmp_path):
     result = _run("generate", str(tiny_checkpoint), "--image", str(bad), "-p", "x")
     assert result.returncode == 2 and "notes.png" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if the model is loaded: every input check must come first."""
+    import kimivl_local
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(kimivl_local, "load", load)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from PIL import Image
+
+    from media_files import write_pdf, write_video
+
+    folder = tmp_path_factory.mktemp("inputs")
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(folder / "good.png")
+    (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:60])
+    (folder / "notes.txt").write_text("not an image")
+    write_pdf(folder / "doc.pdf", [(100, 80, "Hello")])
+    (folder / "bad.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)))
+    write_video(folder / "clip.mkv", frames=4, rate=2)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("args,says", [
+    (["--image", "cut.png"], "cut.png: cannot decode the image, it is truncated"),
+    (["--image", "notes.txt"], "notes.txt: not an image"),
+    (["--image", "missing.png"], "missing.png: no such file"),
+    (["--pdf", "doc.pdf", "--pages", "2-1"], "'2-1' selects no page"),
+    (["--pdf", "doc.pdf", "--pages", "2"], "the document has 1 page"),
+    (["--pages", "1"], "--pages 1 selects pages of a --pdf, and none was given"),
+    (["--pdf", "bad.pdf"], "bad.pdf: not a PDF, or a corrupt one"),
+    (["--video", "doc.pdf"], "doc.pdf: not a video PyAV can read"),
+    (["--video", "clip.mkv", "--fps", "1e308"], "fps must be a number above 0 and at most 1000"),
+    (["--fps", "nan"], "fps must be a number"),
+    (["--max-frames", "0"], "max_frames must be a positive integer"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_inputs_are_checked_before_the_model_loads(tiny_checkpoint, files, no_load, capsys,
+                                                   monkeypatch, command, args, says):
+    monkeypatch.chdir(files)
+    assert main([command, str(tiny_checkpoint), "-p", "x", *args] if command == "generate"
+                else [command, str(tiny_checkpoint), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err, err
+
+
+def test_chat_refuses_a_bad_attachment_and_drops_pending_ones(tiny_model_fp32, files, capsys):
+    from kimivl_local.chat_repl import ChatRepl
+
+    options = {"text_layer": False, "fps": 1.0, "max_frames": 2}
+    repl = ChatRepl(tiny_model_fp32, None, {"max_new_tokens": 2}, [], options)
+    repl.command("/help")
+    assert "/drop" in capsys.readouterr().out
+    for line, says in [(f"/image {files / 'cut.png'}", "cut.png: cannot decode the image"),
+                       (f"/image {files / 'notes.txt'}", "notes.txt: not an image"),
+                       (f"/pdf {files / 'bad.pdf'}", "bad.pdf: not a PDF"),
+                       (f"/video {files / 'doc.pdf'}", "doc.pdf: not a video")]:
+        repl.command(line)
+        out = capsys.readouterr().out
+        assert says in out and "(not attached)" in out and not repl.pending
+    repl.answer("hello")  # the refused files do not ride along
+    assert capsys.readouterr().out.count("error") == 0 and len(repl.history) == 2
+    repl.command(f"/image {files / 'good.png'}")
+    repl.command(f"/pdf {files / 'doc.pdf'}")
+    assert len(repl.pending) == 3  # the image; the page's label and image
+    repl.sampling = {"max_new_tokens": 0}  # a turn that fails keeps them, and says how to drop
+    repl.answer("and now?")
+    assert "/drop forgets them" in capsys.readouterr().out and len(repl.pending) == 3
+    repl.command("/drop")
+    assert capsys.readouterr().out.strip() == "(dropped good.png, doc.pdf)"
+    assert not repl.pending and len(repl.history) == 2  # the conversation stays
+    repl.command("/drop")
+    assert "nothing attached" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def test_errors_found_while_generating(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="any", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
-    assert "cannot decode the data: URL image" in info.value.message
+    assert "image 1: not an image" in info.value.message
 
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="any", stream=True,

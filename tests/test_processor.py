@@ -7,6 +7,7 @@ from PIL import Image, ImageOps
 
 from kimivl_local.config import PreprocessorConfig
 from kimivl_local.errors import InputError
+from kimivl_local import processor
 from kimivl_local.processor import ImageProcessor, token_count_for_size
 
 CFG = PreprocessorConfig()  # CLIP mean/std: not 0.5, so a wrong normalisation cannot hide
@@ -211,10 +212,11 @@ def test_truncated_file_is_an_input_error(tmp_path):
         ImageProcessor(CFG).preprocess(tmp_path / "t.png")
 
 
-@pytest.mark.parametrize("limit", [6000, 1000])  # 100x100 = 10k pixels: PIL warns, then raises
-def test_decompression_bomb_refused(tmp_path, monkeypatch, limit):
+@pytest.mark.parametrize("pil_limit", [None, 6000, 1000])  # PIL's own guard: off, warns, raises
+def test_decompression_bomb_refused(tmp_path, monkeypatch, pil_limit):
     Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
+    monkeypatch.setattr(processor, "MAX_PIXELS", 9999)  # 100x100 is one pixel over ours
     with pytest.raises(InputError, match="bomb"):
         ImageProcessor(CFG).preprocess(tmp_path / "bomb.png")
     with pytest.raises(InputError, match="bomb"):

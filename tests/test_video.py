@@ -1,6 +1,7 @@
 """Video input: frame sampling and timestamps, frame size, refused files; and video next to
 images and a PDF through KimiVL.generate, the CLI and the chat commands."""
 
+import logging
 import re
 
 import av
@@ -49,6 +50,26 @@ def test_long_video_spreads_max_frames_over_the_whole_clip(tmp_path):
     assert _frames(items) == [(timestamp(20 * k), 40 * k) for k in range(6)]
 
 
+def _decoded_frames(caplog) -> int:
+    (record,) = [r for r in caplog.records if r.name == "kimivl_local.video"]
+    return record.args[1]
+
+
+@pytest.mark.parametrize("keyint,most", [("infinite", 250), ("10", 8 * 10)])
+def test_sparse_keyframes_decode_forward_once(tmp_path, caplog, keyint, most):
+    # 250 s at 1 fps, 8 samples 31.25 s apart. One keyframe: seeking lands back at 0 s every
+    # time (8 samples cost 1000 decoded frames before), so decode straight through; a keyframe
+    # every 10 s: seek, decoding at most one GOP per sample.
+    path = write_video(tmp_path / f"gop{keyint}.mp4", frames=250, rate=1, codec="libx264",
+                       pix_fmt="yuv444p", options={"qp": "0", "x264-params":
+                                                   f"keyint={keyint}:scenecut=0"})
+    caplog.set_level(logging.DEBUG, logger="kimivl_local.video")
+    items = video_items(path, fps=1.0, max_frames=8)
+    on_screen = [int(31.25 * k) for k in range(8)]  # 1 fps: frame i shows from i s on
+    assert _frames(items) == [(timestamp(i), i) for i in on_screen]
+    assert _decoded_frames(caplog) <= most
+
+
 def test_raw_stream_without_timestamps_or_duration(tmp_path):
     # A bare H.264 stream: no container, so the duration comes from counting packets and the
     # frame times from the frame rate in the stream.
@@ -94,7 +115,9 @@ def test_bad_videos_and_options(clip, tmp_path):
                         pix_fmt="yuv420p")
     with pytest.raises(InputError, match="empty.avi: the video has no frames"):
         video_items(empty)
-    for options, says in [({"fps": 0}, "fps must be a positive"),
+    for options, says in [({"fps": 0}, "fps must be a number above 0 and at most 1000, got 0"),
+                          ({"fps": 1e308}, r"at most 1000, got 1e\+308"),
+                          ({"fps": float("nan")}, "fps must be a number"),
                           ({"max_frames": 0}, "max_frames must be a positive integer"),
                           ({"max_frames": 2.5}, "max_frames must be a positive integer")]:
         with pytest.raises(InputError, match=says):
@@ -179,7 +202,7 @@ def test_cli_generate_with_everything(tiny_checkpoint, tiny_model_fp32, mixed, c
     rc = main(["generate", str(tiny_checkpoint), "--video", str(pdf), "-p", "x"])
     assert rc == 2 and "doc.pdf: not a video" in capsys.readouterr().err
     rc = main(["generate", str(tiny_checkpoint), "--pdf", str(pdf.with_name("no.pdf")), "-p", "x"])
-    assert rc == 2 and "pdf not found" in capsys.readouterr().err
+    assert rc == 2 and "no.pdf: no such file" in capsys.readouterr().err
 
 
 def test_chat_attaches_pdf_and_video(tiny_model_fp32, mixed, capsys, monkeypatch):
