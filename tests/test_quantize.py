@@ -25,11 +25,11 @@ qmain = import_quantize("main")
 INT4, INT8 = QuantScheme(4, 128, True), QuantScheme(8, None, True)
 
 
-def _full_modules() -> list[str]:
+def _full_modules() -> dict[str, int]:
     config, _ = build_configs("full", None, None)
     specs = tensor_specs(config["text_config"], config["vision_config"])
-    return [n.removesuffix(".weight") for n, shape, _ in specs
-            if n.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in n]
+    return {n.removesuffix(".weight"): shape[1] for n, shape, _ in specs
+            if n.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in n}
 
 
 def test_recipes_assign_what_the_issue_defines():
