@@ -55,13 +55,18 @@ class Destination:
         without --force, or with --force a folder that is not a previous quantize output."""
         dst = self.path
         if dst.is_symlink():
-            raise InputError(f"{dst} is a symbolic link; give the folder it points to, or a new one")
+            raise InputError(f"{dst} is a symbolic link; give the folder it points to, or a new "
+                             "one")
         if not dst.exists():
             return
         if not dst.is_dir():
             raise InputError(f"{dst} is a file; DST must be a new folder (or, with --force, a "
                              "previous `kimivl-local quantize` output)")
-        if not any(dst.iterdir()):
+        try:
+            empty = not any(dst.iterdir())
+        except OSError as exc:
+            raise InputError(f"cannot read {dst}: {exc.strerror or exc}") from None
+        if empty:
             return  # an empty folder: nothing to lose, rename() replaces it
         if not force:
             raise InputError(f"{dst} already exists; pass --force to replace it")
@@ -73,6 +78,9 @@ class Destination:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold DST's lock for the block; InputError naming the run that holds it."""
+        existing = next(p for p in self.path.parents if p.exists())
+        if not existing.is_dir():
+            raise InputError(f"{existing} is a file, so {self.path} cannot be created in it")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)

@@ -133,7 +133,8 @@ def assign(modules: dict[str, int], rules: list[Rule],
            user_rules: list[Rule] = ()) -> dict[str, QuantScheme | None]:
     """module -> scheme (None: kept) by the first matching rule, user rules first; `modules` maps
     each module to its input size, which a recipe rule's group is fitted to (`fit_group`); routers
-    are always kept. A user rule that matches no quantizable module is an error (a typo, usually)."""
+    are always kept. A user rule that matches no quantizable module is an error (a typo,
+    usually)."""
     ordered = list(user_rules) + list(rules)
     result = {}
     for module, in_features in modules.items():
@@ -149,14 +150,16 @@ def assign(modules: dict[str, int], rules: list[Rule],
     return result
 
 
-def fallbacks(assignment: dict[str, QuantScheme | None], rules: list[Rule]) -> dict[str, QuantScheme]:
+def fallbacks(assignment: dict[str, QuantScheme | None],
+              rules: list[Rule]) -> dict[str, QuantScheme]:
     """module -> the scheme its rule asked for, for every module that `assign` fell back."""
     asked = {m: winner(m, rules) for m in assignment}
     return {m: asked[m].scheme for m, s in assignment.items()
             if s is not None and asked[m].scheme != s}
 
 
-def build_qconfig(assignment: dict[str, QuantScheme | None], rules: list[Rule]) -> QuantizationConfig:
+def build_qconfig(assignment: dict[str, QuantScheme | None],
+                  rules: list[Rule]) -> QuantizationConfig:
     """The compressed-tensors config that resolves every module exactly as `assignment` does.
 
     Readers settle overlapping targets differently (compressed-tensors' loader by exact name,
@@ -185,7 +188,8 @@ def build_qconfig(assignment: dict[str, QuantScheme | None], rules: list[Rule]) 
         if len(won) > sum(map(len, fell.values())):
             groups.setdefault(rule.scheme, []).append(f"re:{guard}.*?(?:{rule.pattern})")
         for scheme, names in fell.items():
-            groups.setdefault(scheme, []).append(f"re:(?:{'|'.join(_name_patterns(names, modules))})$")
+            names = "|".join(_name_patterns(names, modules))
+            groups.setdefault(scheme, []).append(f"re:(?:{names})$")
     config = QuantizationConfig(
         tuple(ConfigGroup(f"group_{i}", tuple(targets), scheme)
               for i, (scheme, targets) in enumerate(groups.items())),

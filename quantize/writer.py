@@ -163,8 +163,10 @@ def write_shard(shard: Shard, path: Path, provider: Provider | None,
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a read error, Ctrl-C: no half shard stays behind
+    except BaseException as exc:  # a full disk, a read error, Ctrl-C: no half shard stays behind
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write() names no file
+            exc.filename = str(tmp)
         raise
     finally:
         for f in handles.values():
@@ -179,7 +181,11 @@ def _handle(handles: dict, file: Path):
 
 
 def _read(src, info: TensorInfo, offset: int, buf: memoryview) -> None:
-    got = os.preadv(src.fileno(), [buf], info.offset + offset)
+    try:
+        got = os.preadv(src.fileno(), [buf], info.offset + offset)
+    except OSError as exc:
+        exc.filename = str(info.file)
+        raise
     if got != len(buf):
         raise CheckpointError(f"{info.file.name}: tensor {info.name} is cut off (read {got} of "
                               f"{len(buf)} bytes at {info.offset + offset}); the source is "

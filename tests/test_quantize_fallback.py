@@ -61,7 +61,8 @@ def test_user_rules_are_not_fitted():
     modules = {"language_model.model.layers.1.mlp.experts.0.down_proj": 64}
     user = [recipes.parse_rule("experts=4:128")]
     assert recipes.assign(modules, [], user) == {next(iter(modules)): G128}  # make_plan refuses it
-    assert recipes.assign(modules, recipes.recipe_rules("int4")) == {next(iter(modules)): QuantScheme(4, 64, True)}
+    assert recipes.assign(modules, recipes.recipe_rules("int4")) == {
+        next(iter(modules)): QuantScheme(4, 64, True)}
 
 
 def _experts_modules(down_k: int, odd_one: bool) -> dict[str, int]:
@@ -137,7 +138,8 @@ def test_report_and_config_record_the_fallbacks(tiny_int4):
     assert fell["language_model.model.layers.0.mlp.down_proj"] == {
         "asked": "int4 g128", "used": "int4 g32", "in_features": 160}
     assert len(fell) == len(report["linear_errors"])  # the tiny model has no input of 128
-    groups = json.loads((tiny_int4 / "config.json").read_text())["quantization_config"]["config_groups"]
+    config = json.loads((tiny_int4 / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["group_size"] for g in groups.values()) == [32, 64]
 
 
