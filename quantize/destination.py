@@ -8,6 +8,8 @@ Beside DST, in the same folder so that every rename stays on one file system:
                        it; the kernel drops the lock when that process dies, however it dies
   DST.replaced/        with --force, the previous output between the two renames of `publish`;
                        the next run puts it back if the second rename never happened
+  DST.replacing        the journal that says so, there from before the first rename until
+                       DST.replaced is deleted
 
 Only a folder that `kimivl-local quantize` wrote (config.json with a quantization_config and
 quantization_report.json) is ever replaced, and an empty folder; anything else is refused.
@@ -49,6 +51,7 @@ class Destination:
         self.partial = dst.with_name(dst.name + ".partial")
         self.lock_file = dst.with_name(dst.name + ".quantize-lock")
         self.replaced = dst.with_name(dst.name + ".replaced")
+        self.journal = dst.with_name(dst.name + ".replacing")
 
     def check(self, force: bool) -> None:
         """Refuse a DST that quantize must not write: a file or link, an existing folder
@@ -115,16 +118,20 @@ class Destination:
     def recover(self) -> None:
         """Finish what a run killed in `publish` left (call under the lock): put the previous
         output back if it was moved aside and the new one never arrived, else drop it; delete
-        the bookkeeping file a published output may still hold."""
+        the bookkeeping file a published output may still hold. Only the journal says that
+        DST.replaced is ours: a folder of that name without it is left alone."""
         if (self.path / self.bookkeeping).is_file() and is_quantize_output(self.path):
             (self.path / self.bookkeeping).unlink()
-        if not (self.replaced.is_dir() and is_quantize_output(self.replaced)):
+        if not self.journal.is_file():
             return
-        if self.path.exists():
-            shutil.rmtree(self.replaced)
-        else:
-            os.rename(self.replaced, self.path)
-            log.info("restored %s, which an interrupted --force run had moved aside", self.path)
+        if self.replaced.is_dir():
+            if self.path.exists():
+                shutil.rmtree(self.replaced)
+            else:
+                os.rename(self.replaced, self.path)
+                log.info("restored %s, which an interrupted --force run had moved aside",
+                         self.path)
+        self.journal.unlink()
 
     def publish(self, force: bool) -> None:
         """Put the finished DST.partial in DST's place. A previous output (--force) is renamed
@@ -133,18 +140,33 @@ class Destination:
         self.check(force)
         _fsync_dir(self.partial)
         if self.path.exists() and any(self.path.iterdir()):
+            if self.replaced.exists():
+                raise InputError(f"{self.replaced} is in the way of replacing {self.path}: "
+                                 "move it elsewhere")
+            _write_synced(self.journal, f"moving {self.path} aside to {self.replaced} to put "
+                                        f"{self.partial} in its place\n")
             os.rename(self.path, self.replaced)
             try:
                 os.rename(self.partial, self.path)
             except BaseException:
                 os.rename(self.replaced, self.path)
+                self.journal.unlink()
                 raise
             _fsync_dir(self.path.parent)
             shutil.rmtree(self.replaced)
+            self.journal.unlink()
         else:
             os.rename(self.partial, self.path)  # replaces an empty folder
             _fsync_dir(self.path.parent)
         (self.path / self.bookkeeping).unlink()
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,6 +30,9 @@ rules: --rule 'REGEX=BITS[:GROUP][:sym|asym]' (repeatable, tried before the reci
 match wins). REGEX is searched in module names such as
 language_model.model.layers.3.mlp.experts.17.down_proj; BITS 4 or 8, or 16 to keep bf16; GROUP
 32, 64, 128 or channel (default 128 for 4 bits, channel for 8). Routers always stay bf16.
+Where a recipe's group does not divide a layer's input size, that layer takes the largest smaller
+multiple of 32 that does, else per-channel (--dry-run lists these fallbacks); a --rule's group
+must divide.
   e.g. --recipe int4 --rule 'lm_head=8' --rule 'layers\\.0\\.=16'
 
 An interrupted or failed run resumes when the same command is run again (DST.partial holds its

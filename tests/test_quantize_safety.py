@@ -6,6 +6,7 @@ or publishes; --force replaces only an earlier quantize output, atomically."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def _error_line(err: str) -> str:
 
 def _leftovers(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.name.endswith((".tmp", ".quantize-lock")) or p.name.endswith(".partial"))
+                  if p.name.endswith((".tmp", ".quantize-lock", ".partial", ".replaced",
+                                      ".replacing")))
 
 
 def _bits(folder) -> int:
@@ -98,6 +100,7 @@ sys.exit(import_quantize("main").main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a subprocess that imports torch, then quantizes
 def test_size_limited_writes_fail_in_one_line_and_remove_the_tmp(tiny_checkpoint, tmp_path):
     # No root needed: RLIMIT_FSIZE makes the one 685 KB shard fail at 300 KB (Python ignores
     # SIGXFSZ, so the write returns EFBIG).
@@ -182,6 +185,7 @@ def _kill_in_publish(*args):
     assert run.returncode == -signal.SIGKILL, run.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports torch, then quantizes
 def test_run_killed_in_publish_is_published_by_the_next(tiny_checkpoint, tmp_path, monkeypatch):
     dst = tmp_path / "q"
     _kill_in_publish(tiny_checkpoint, dst)
@@ -193,12 +197,14 @@ def test_run_killed_in_publish_is_published_by_the_next(tiny_checkpoint, tmp_pat
     assert not (dst / writer.MANIFEST).exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess that imports torch, then quantizes
 def test_force_run_killed_between_its_renames_loses_nothing(tiny_checkpoint, tmp_path, capsys):
     dst = tmp_path / "q"
     assert qmain.main([str(tiny_checkpoint), str(dst), "--recipe", "int8"]) == 0
     _kill_in_publish(tiny_checkpoint, dst, "--recipe", "int4", "--force")
     # the old output was renamed aside, the new one never arrived
     assert not dst.exists() and _bits(tmp_path / "q.replaced") == 8
+    assert (tmp_path / "q.replacing").is_file()  # the journal that makes q.replaced ours
     assert qmain.main([str(tiny_checkpoint), str(dst)]) == 2  # no --force: the old one comes back
     assert "already exists; pass --force" in _error_line(capsys.readouterr().err)
     assert _bits(dst) == 8 and not (tmp_path / "q.replaced").exists()
@@ -240,3 +246,16 @@ def test_force_never_replaces_a_folder_quantize_did_not_write(tiny_checkpoint, t
         assert "is not a `kimivl-local quantize` output" in _error_line(capsys.readouterr().err)
         assert {p.name: p.read_text() for p in dst.iterdir()} == files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "photos"]
+
+
+def test_a_folder_named_like_the_aside_folder_is_never_touched(tiny_checkpoint, tmp_path, capsys):
+    dst, mine = tmp_path / "q", tmp_path / "q.replaced"
+    for folder in (dst, mine):
+        assert qmain.main([str(tiny_checkpoint), str(folder), "--recipe", "int8"]) == 0
+    (mine / "notes.txt").write_text("mine")
+    assert qmain.main([str(tiny_checkpoint), str(dst), "--recipe", "int4", "--force"]) == 2
+    assert _error_line(capsys.readouterr().err).startswith(f"error: {mine} is in the way of")
+    assert (mine / "notes.txt").read_text() == "mine" and _bits(dst) == 8
+    shutil.rmtree(dst)  # the user clears the way; no journal, so q.replaced is not "restored"
+    assert qmain.main([str(tiny_checkpoint), str(dst), "--recipe", "int4"]) == 0
+    assert (mine / "notes.txt").read_text() == "mine" and _bits(dst) == 4
