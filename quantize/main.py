@@ -96,7 +96,7 @@ def _write(plan: Plan, ws: Workspace, method: str, calib_data: Path | None, cali
         from .sequential import run_gptq
 
         provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)
-    errors = write_shards(plan, ws, ws.shards, provider)
+    errors = write_shards(plan, ws, provider)
     finish(plan, ws, build_report(plan, errors, method, layers))
     ws.seal()
 

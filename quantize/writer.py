@@ -80,7 +80,6 @@ class Workspace:
         return {}
 
     def record(self, shards: dict[str, dict], complete: bool = False) -> None:
-        self.shards, self.complete = shards, complete
         tmp = self.manifest.with_name(MANIFEST + ".tmp")
         try:
             tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": shards,
@@ -89,6 +88,7 @@ class Workspace:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self.shards, self.complete = shards, complete
 
     def seal(self) -> None:
         """Mark the folder complete: the next run only publishes it."""
@@ -116,10 +116,10 @@ def check_space(plan: Plan, ws: Workspace) -> None:
                          "or choose another DST")
 
 
-def write_shards(plan: Plan, ws: Workspace, done: dict[str, dict],
-                 provider: Provider | None = None) -> dict[str, float]:
-    """Write every shard not in `done` (recording each in the manifest); returns the output
-    error of every quantized weight, module -> relative error."""
+def write_shards(plan: Plan, ws: Workspace, provider: Provider | None = None) -> dict[str, float]:
+    """Write every shard the workspace has not finished (recording each in the manifest);
+    returns the output error of every quantized weight, module -> relative error."""
+    done = dict(ws.shards)
     total = sum(j.source.nbytes for j in plan.jobs)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
               smoothing=0.05, dynamic_ncols=True) as bar:
