@@ -115,11 +115,16 @@ def test_size_limited_writes_fail_in_one_line_and_remove_the_tmp(tiny_checkpoint
     assert qmain.main([str(tiny_checkpoint), str(tmp_path / "q")]) == 0
 
 
-def test_read_only_file_system(tiny_checkpoint, tmp_path, capsys):
-    with _tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:  # root ignores permission bits
+def test_unwritable_folder(tiny_checkpoint, tmp_path, capsys):
+    if os.geteuid() == 0:  # root ignores permission bits: a read-only file system instead
+        context, reason = _tmpfs(tmp_path / "ro", "1m", readonly=True), "Read-only file system"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        context, reason = contextlib.nullcontext(tmp_path / "ro"), "Permission denied"
+    with context as ro:
         assert qmain.main([str(tiny_checkpoint), str(ro / "q")]) == 2
         line = _error_line(capsys.readouterr().err)
-        assert line == f"error: cannot write {ro}/q.quantize-lock: Read-only file system"
+        assert line == f"error: cannot write {ro}/q.quantize-lock: {reason}"
         assert list(ro.iterdir()) == []
 
 
