@@ -4,6 +4,7 @@ from Python."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -17,7 +18,8 @@ from kimivl_local.loader import resolve_model_path
 from .plan import Plan, make_plan
 from .recipes import RECIPES, parse_rule, recipe_rules
 from .report import GB, build_report, error_table, size_table
-from .writer import Workspace, finish, write_shards
+from .destination import REPORT, Destination
+from .writer import MANIFEST, Workspace, check_space, finish, write_shards
 
 log = logging.getLogger("kimivl_local.quantize")
 
@@ -28,9 +30,13 @@ rules: --rule 'REGEX=BITS[:GROUP][:sym|asym]' (repeatable, tried before the reci
 match wins). REGEX is searched in module names such as
 language_model.model.layers.3.mlp.experts.17.down_proj; BITS 4 or 8, or 16 to keep bf16; GROUP
 32, 64, 128 or channel (default 128 for 4 bits, channel for 8). Routers always stay bf16.
+Where a recipe's group does not divide a layer's input size, that layer takes the largest smaller
+multiple of 32 that does, else per-channel (--dry-run lists these fallbacks); a --rule's group
+must divide.
   e.g. --recipe int4 --rule 'lm_head=8' --rule 'layers\\.0\\.=16'
 
-An interrupted run resumes when the same command is run again (DST.partial holds its progress).
+An interrupted or failed run resumes when the same command is run again (DST.partial holds its
+progress); one run at a time writes a DST (DST.quantize-lock).
 """
 
 
@@ -48,35 +54,72 @@ def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: s
 
 def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
           calib_data: Path | None = None, calib_samples: int = 64, device: str | None = None) -> dict:
-    """Write `plan` to dst: in dst.partial (resumed when a run of the same plan and settings left
-    one), renamed to dst when complete; returns the report."""
+    """Write `plan` to dst, holding dst's lock: in dst.partial (resumed when a run of the same
+    plan and settings left one, only published when that run completed it), renamed to dst when
+    complete; returns the report. Any failure is a KimiVLError saying what is kept."""
     if method not in ("rtn", "gptq"):
         raise InputError(f"method must be rtn or gptq, got {method!r}")
     calib = {"data": str(calib_data) if calib_data else None, "samples": calib_samples}
-    ws = Workspace(dst, plan.fingerprint({"method": method, **(calib if method == "gptq" else {})}))
-    done = ws.open()
+    dest = Destination(dst, MANIFEST)
+    ws = Workspace(dest.partial,
+                   plan.fingerprint({"method": method, **(calib if method == "gptq" else {})}))
     try:
-        provider, layers = None, None
-        if method == "gptq":  # imported here: it pulls in the tokenizer and image stack
-            from .sequential import run_gptq
-
-            provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)
-        errors = write_shards(plan, ws, done, provider)
-        report = build_report(plan, errors, method, layers)
-        finish(plan, ws, report)
-        ws.publish(force)
-    except CheckpointError:
-        ws.discard()  # a corrupt source: nothing of this run is worth resuming
-        raise
+        with dest.locked():
+            try:
+                try:
+                    dest.recover()
+                    dest.check(force)
+                    ws.open()
+                    if not ws.complete:
+                        check_space(plan, ws)
+                        _write(plan, ws, method, calib_data, calib_samples, device)
+                    report = json.loads((ws.path / REPORT).read_text(encoding="utf-8"))
+                    dest.publish(force)
+                except CheckpointError:
+                    ws.discard()  # a corrupt source: nothing of this run is worth resuming
+                    raise
+                except OSError as exc:
+                    raise InputError(_failure(exc, plan, dst, ws)) from None
+            except BaseException:
+                if not ws.worth_keeping():
+                    ws.discard()
+                raise
+    except OSError as exc:  # taking the lock: DST's folder cannot be written
+        raise InputError(f"cannot write {exc.filename or dst}: {exc.strerror or exc}") from None
     return report
+
+
+def _write(plan: Plan, ws: Workspace, method: str, calib_data: Path | None, calib_samples: int,
+           device: str | None) -> None:
+    provider, layers = None, None
+    if method == "gptq":  # imported here: it pulls in the tokenizer and image stack
+        from .sequential import run_gptq
+
+        provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)
+    errors = write_shards(plan, ws, provider)
+    finish(plan, ws, build_report(plan, errors, method, layers))
+    ws.seal()
+
+
+def _failure(exc: OSError, plan: Plan, dst: Path, ws: Workspace) -> str:
+    """One line: which file could not be read or written, why, and what is kept."""
+    where = Path(exc.filename) if exc.filename else dst
+    verb = "read" if where.is_relative_to(plan.src) else "write"
+    if ws.complete:
+        kept = f"{ws.path} is complete: run the same command again to publish it"
+    elif ws.worth_keeping():
+        kept = (f"{ws.path} keeps {len(ws.shards)} of {len(plan.shards)} shards: run the same "
+                "command again to resume once that is fixed, or delete it")
+    else:
+        kept = "nothing was kept"
+    return f"cannot {verb} {where}: {exc.strerror or exc}; {kept}"
 
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise InputError(f"DST {dst} must be outside SRC {src} (and not contain it)")
-    if dst.exists() and not force:
-        raise InputError(f"{dst} already exists; pass --force to replace it")
+    Destination(dst, MANIFEST).check(force)  # again under the lock; here to fail before planning
 
 
 def parse_size(text: str) -> int:
@@ -107,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the sizes and GPU memory estimate, write nothing")
     p.add_argument("--context", type=int, default=8192,
                    help="context length for the GPU memory estimate (default 8192)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it is an earlier quantize output (never another folder)")
     p.add_argument("--shard-size", type=parse_size, default=2 << 30,
                    help="largest output shard (default 2GiB; also the unit of resumption)")
     p.add_argument("--calib-data", type=Path,

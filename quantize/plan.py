@@ -21,7 +21,7 @@ from kimivl_local.quant.modules import packed_shapes
 from kimivl_local.quant.packing import QuantScheme
 from kimivl_local.quant.qconfig import QuantizationConfig
 
-from .recipes import Rule, assign, build_qconfig
+from .recipes import Rule, assign, build_qconfig, fallbacks
 
 # What the runtime needs on the GPU besides weights and the latent cache: CUDA context and
 # allocator slack (~0.5 GiB) plus one 4096-patch image through MoonViT and prefill activations
@@ -73,6 +73,7 @@ class Plan:
     shards: tuple[Shard, ...]
     qconfig: QuantizationConfig
     rules: tuple[Rule, ...]
+    fallbacks: dict[str, QuantScheme]  # module -> the group its rule asked for (recipes.fit_group)
 
     @property
     def total_bytes(self) -> int:
@@ -129,10 +130,11 @@ def module_group(tensor: str) -> str:
     return "other"
 
 
-def linear_modules(tensors: dict[str, TensorInfo]) -> list[str]:
-    """Module names of the 2-D `.weight` tensors except embeddings, in source order."""
-    return [n.removesuffix(".weight") for n, t in tensors.items()
-            if n.endswith(".weight") and len(t.shape) == 2 and "embed_tokens" not in n]
+def linear_modules(tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """Module name -> in_features of the 2-D `.weight` tensors except embeddings, in source
+    order."""
+    return {n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items()
+            if n.endswith(".weight") and len(t.shape) == 2 and "embed_tokens" not in n}
 
 
 def packed_outputs(module: str, shape: tuple[int, int], scheme: QuantScheme,
@@ -181,7 +183,7 @@ def make_plan(src: Path, rules: list[Rule], user_rules: list[Rule] = (),
         jobs.append(Job(info, module, scheme, outputs))
     ordered = list(user_rules) + list(rules)
     return Plan(Path(src), config, tuple(jobs), _layout(jobs, shard_bytes),
-                build_qconfig(assignment, ordered), tuple(ordered))
+                build_qconfig(assignment, ordered), tuple(ordered), fallbacks(assignment, ordered))
 
 
 def _layout(jobs: list[Job], shard_bytes: int) -> tuple[Shard, ...]:

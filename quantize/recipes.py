@@ -6,14 +6,20 @@ name without `.weight`, e.g. `language_model.model.layers.3.mlp.experts.17.down_
 4 bits, channel for 8); symmetric unless `asym`. The first matching rule wins, and `--rule`s are
 tried before the recipe's. Routers (`mlp.gate`) always stay in the checkpoint's dtype: the runtime
 computes their top-k in fp32. Linear layers that no rule matches stay in the checkpoint's dtype.
+
+A recipe quantizes any checkpoint: where its group does not divide a layer's input size, that
+layer falls back to the largest smaller group that does and that the kernels take (a multiple of
+32, see quant/layout.py), else to per-channel, at the same bits (`fit_group`; the plan lists each
+fallback). A `--rule` is taken as written: a group that does not divide is an error.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kimivl_local.errors import InputError
+from kimivl_local.quant.layout import CHUNK
 from kimivl_local.quant.packing import QuantScheme
 from kimivl_local.quant.qconfig import ConfigGroup, QuantizationConfig
 
@@ -103,15 +109,40 @@ def recipe_rules(recipe: str) -> tuple[Rule, ...]:
     return RECIPES[recipe][1]
 
 
-def assign(modules: list[str], rules: list[Rule],
+def fit_group(scheme: QuantScheme, in_features: int) -> QuantScheme:
+    """`scheme`, or its fallback for a layer of `in_features` inputs: the largest smaller group
+    that divides in_features and is a multiple of CHUNK (what the CPU and CUDA kernels take),
+    else per-channel; bits and symmetry stay."""
+    group = scheme.group_size
+    if group is None or in_features % group == 0:
+        return scheme
+    for smaller in range(min(group - 1, in_features) // CHUNK * CHUNK, 0, -CHUNK):
+        if in_features % smaller == 0:
+            return replace(scheme, group_size=smaller)
+    return replace(scheme, group_size=None)
+
+
+def winner(module: str, rules: list[Rule]) -> Rule | None:
+    """The first rule matching `module`; None for routers and unmatched modules (kept)."""
+    if ROUTER.search(module):
+        return None
+    return next((r for r in rules if r.matches(module)), None)
+
+
+def assign(modules: dict[str, int], rules: list[Rule],
            user_rules: list[Rule] = ()) -> dict[str, QuantScheme | None]:
-    """module -> scheme (None: kept) by the first matching rule, user rules first; routers are
-    always kept. A user rule that matches no quantizable module is an error (a typo, usually)."""
+    """module -> scheme (None: kept) by the first matching rule, user rules first; `modules` maps
+    each module to its input size, which a recipe rule's group is fitted to (`fit_group`); routers
+    are always kept. A user rule that matches no quantizable module is an error (a typo,
+    usually)."""
     ordered = list(user_rules) + list(rules)
     result = {}
-    for module in modules:
-        rule = None if ROUTER.search(module) else next((r for r in ordered if r.matches(module)), None)
-        result[module] = None if rule is None else rule.scheme
+    for module, in_features in modules.items():
+        rule = winner(module, ordered)
+        if rule is None or rule.scheme is None or rule in user_rules:
+            result[module] = None if rule is None else rule.scheme
+        else:
+            result[module] = fit_group(rule.scheme, in_features)
     for rule in user_rules:
         if not any(rule.matches(m) and not ROUTER.search(m) for m in modules):
             raise InputError(f"--rule {rule}: {rule.pattern!r} matches no quantizable linear "
@@ -119,28 +150,46 @@ def assign(modules: list[str], rules: list[Rule],
     return result
 
 
-def build_qconfig(assignment: dict[str, QuantScheme | None], rules: list[Rule]) -> QuantizationConfig:
+def fallbacks(assignment: dict[str, QuantScheme | None],
+              rules: list[Rule]) -> dict[str, QuantScheme]:
+    """module -> the scheme its rule asked for, for every module that `assign` fell back."""
+    asked = {m: winner(m, rules) for m in assignment}
+    return {m: asked[m].scheme for m, s in assignment.items()
+            if s is not None and asked[m].scheme != s}
+
+
+def build_qconfig(assignment: dict[str, QuantScheme | None],
+                  rules: list[Rule]) -> QuantizationConfig:
     """The compressed-tensors config that resolves every module exactly as `assignment` does.
 
     Readers settle overlapping targets differently (compressed-tensors' loader by exact name,
     then regex order; its dequantizer by group order), so no module may match two targets: each
     rule's target excludes, by a lookahead, the earlier rules that overlap it on this checkpoint
-    (re.match(".*?(?:p)") is re.search("p")). Every module kept dense is listed by name in
-    `ignore`, as compressed-tensors itself writes it.
+    (re.match(".*?(?:p)") is re.search("p")) and the modules of its own that fell back to another
+    group; those get targets of their own, spelled by `_name_patterns`. Every module kept dense is
+    listed by name in `ignore`, as compressed-tensors itself writes it.
     """
     modules = list(assignment)
     groups: dict[QuantScheme, list[str]] = {}
     for i, rule in enumerate(rules):
         if rule.scheme is None:
             continue
-        mine = [m for m in modules if rule.matches(m) and assignment[m] == rule.scheme
-                and not any(r.matches(m) for r in rules[:i])]
-        if not mine:
-            continue
+        won = [m for m in modules if assignment[m] is not None and rule.matches(m)
+               and not any(r.matches(m) for r in rules[:i])]
+        fell: dict[QuantScheme, list[str]] = {}
+        for m in won:
+            if assignment[m] != rule.scheme:
+                fell.setdefault(assignment[m], []).append(m)
         overlapping = [r.pattern for r in rules[:i]
                        if any(r.matches(m) for m in modules if rule.matches(m))]
         guard = "".join(f"(?!.*?(?:{p}))" for p in overlapping)
-        groups.setdefault(rule.scheme, []).append(f"re:{guard}.*?(?:{rule.pattern})")
+        if fell:
+            guard += f"(?!(?:{'|'.join(_name_patterns(sum(fell.values(), []), modules))})$)"
+        if len(won) > sum(map(len, fell.values())):
+            groups.setdefault(rule.scheme, []).append(f"re:{guard}.*?(?:{rule.pattern})")
+        for scheme, names in fell.items():
+            names = "|".join(_name_patterns(names, modules))
+            groups.setdefault(scheme, []).append(f"re:(?:{names})$")
     config = QuantizationConfig(
         tuple(ConfigGroup(f"group_{i}", tuple(targets), scheme)
               for i, (scheme, targets) in enumerate(groups.items())),
@@ -149,3 +198,19 @@ def build_qconfig(assignment: dict[str, QuantScheme | None], rules: list[Rule]) 
     if mismatched:  # the regex translation above is exact; this guards its invariant
         raise AssertionError(f"quantization_config resolves {mismatched[:3]} differently")
     return config
+
+
+def _name_patterns(names: list[str], modules: list[str]) -> list[str]:
+    """Regexes that fully match exactly `names` among `modules`: each name with its numbers
+    generalised (layers.\\d+.mlp.experts.\\d+.down_proj) where that matches no other module, else
+    the name itself; short even when every expert of every layer falls back."""
+    chosen, covered, wanted = [], set(), set(names)
+    for name in names:
+        if name in covered:
+            continue
+        general = re.sub(r"\d+", r"\\d+", re.escape(name))
+        hits = {m for m in modules if re.fullmatch(general, m)}
+        pattern = general if hits <= wanted else re.escape(name)
+        chosen.append(pattern)
+        covered |= hits if hits <= wanted else {name}
+    return chosen

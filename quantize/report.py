@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from .plan import Plan, module_group
+from .plan import Plan, describe, module_group
 
 GB = 1e9
 GIB = 1 << 30
@@ -27,7 +27,28 @@ def size_table(plan: Plan, context: int) -> str:
                  f"{plan.total_bytes / source:.1%} of the source's {source / GB:.2f} GB of tensors")
     table.append(f"GPU memory at {context:,} tokens of context: {gpu['total'] / GIB:.2f} GiB = "
                  + " + ".join(f"{k} {v / GIB:.2f}" for k, v in gpu.items() if k != "total"))
-    return "\n".join(table)
+    fell = fallback_table(plan)
+    return "\n".join(table + ([fell] if fell else []))
+
+
+def fallbacks(plan: Plan) -> dict[str, dict]:
+    """module -> what its rule asked for and what it got, for each group fallback."""
+    jobs = {j.module: j for j in plan.quantized}
+    return {m: {"asked": describe(asked, None), "used": describe(jobs[m].scheme, None),
+                "in_features": jobs[m].source.shape[1]} for m, asked in plan.fallbacks.items()}
+
+
+def fallback_table(plan: Plan) -> str:
+    """The group fallbacks by (asked, used): how many linears, which input sizes ('' if none)."""
+    by_kind = defaultdict(list)
+    for f in fallbacks(plan).values():
+        by_kind[f["asked"], f["used"]].append(f["in_features"])
+    if not by_kind:
+        return ""
+    rows = [(f"{asked} -> {used}", str(len(ks)), ", ".join(map(str, sorted(set(ks)))))
+            for (asked, used), ks in by_kind.items()]
+    return ("group fallbacks (the recipe's group does not divide these layers' input size):\n"
+            + _table([("asked -> used", "linears", "in_features")] + rows, left=1))
 
 
 def error_table(errors: dict[str, float]) -> str:
@@ -60,6 +81,7 @@ def build_report(plan: Plan, errors: dict[str, float], method: str,
         "error_definition": "relative output error ‖x·(Ŵ - W)ᵀ‖ / ‖x·Wᵀ‖ of each linear layer: "
                             "for RTN its expectation over random x ~ N(0, I), ‖Ŵ - W‖ / ‖W‖ "
                             "(first 128 rows of each chunk); for GPTQ over the calibration inputs",
+        "group_fallbacks": fallbacks(plan),
         "linear_errors": {m: round(e, 6) for m, e in sorted(errors.items())},
         **({"gptq_layers": gptq_layers} if gptq_layers else {}),
     }

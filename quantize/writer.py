@@ -1,9 +1,10 @@
 """Streams a Plan to disk: tensor by tensor from the source shards, resumable and atomic.
 
-While it runs, DST.partial/ holds the finished shards, the shard being written (`*.tmp`) and
-`quantize-manifest.json`: the run's fingerprint and each finished shard with its errors. A rerun
-with the same source and settings keeps the finished shards; anything else starts over. Only a
-complete folder is renamed to DST, so DST never exists half-written.
+While it runs, DST.partial/ holds the finished shards, the shard being written (`*.tmp`, deleted
+when writing it fails) and `quantize-manifest.json`: the run's fingerprint, each finished shard
+with its errors, and whether the folder is complete. A rerun with the same source and settings
+keeps the finished shards (or only publishes a complete folder); anything else starts over. Only
+a complete folder is renamed to DST (destination.py), so DST never exists half-written.
 
 Memory: a quantized weight is read, quantized and written in row chunks (RTN is per row; the
 scales and zero points, ~1/60 of the weight, are held until its end); copied tensors move in
@@ -28,12 +29,12 @@ from kimivl_local.checkpoint import INDEX_FILE, SINGLE_FILE, TensorInfo
 from kimivl_local.errors import CheckpointError, InputError
 from kimivl_local.quant.packing import PackedWeight, dequantize, quantize_rtn
 
+from .destination import REPORT
 from .plan import Job, Plan, Shard
 
 log = logging.getLogger("kimivl_local.quantize")
 
 MANIFEST = "quantize-manifest.json"
-REPORT = "quantization_report.json"
 CHUNK_ELEMS = 1 << 23  # weights per row chunk: 16 MB of bf16; quantize_rtn's fp32 temporaries ~5x
 COPY_BLOCK = 16 << 20
 ERROR_ROWS_PER_CHUNK = 128  # rows of each chunk that the output error is measured on
@@ -43,16 +44,19 @@ Provider = Callable[[str], tuple[PackedWeight, float] | None]
 
 
 class Workspace:
-    """DST.partial and its manifest."""
+    """DST.partial and its manifest: the run's fingerprint, the finished shards with their
+    errors, and whether the folder is complete (only `publish` is left)."""
 
-    def __init__(self, dst: Path, fingerprint: str):
-        self.dst, self.fingerprint = dst, fingerprint
-        self.path = dst.with_name(dst.name + ".partial")
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
         self.manifest = self.path / MANIFEST
         self.scratch = self.path / "scratch"  # intermediate results (GPTQ), dropped at the end
+        self.shards: dict[str, dict] = {}
+        self.complete = self.opened = False
 
     def open(self) -> dict[str, dict]:
-        """The shards a previous run of the same job finished ({} when starting afresh)."""
+        """The shards a previous run of the same job finished ({} when starting afresh); sets
+        `complete` when that run finished everything but the publish step."""
         if self.path.exists():
             try:
                 state = json.loads(self.manifest.read_text(encoding="utf-8"))
@@ -60,42 +64,62 @@ class Workspace:
                 raise InputError(f"{self.path} exists but is not an interrupted `kimivl-local "
                                  "quantize` run; remove it") from None
             if state.get("fingerprint") == self.fingerprint:
-                if state["shards"]:
-                    log.info("resuming: %d shard(s) already written in %s", len(state["shards"]),
+                self.shards, self.complete = state["shards"], state.get("complete", False)
+                self.opened = True
+                if self.complete:
+                    log.info("publishing %s, which an earlier run completed", self.path)
+                elif self.shards:
+                    log.info("resuming: %d shard(s) already written in %s", len(self.shards),
                              self.path)
-                return state["shards"]
+                return self.shards
             log.info("%s is from a run with another source or settings; starting over", self.path)
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
+        self.opened = True
         self.record({})
         return {}
 
-    def record(self, shards: dict[str, dict]) -> None:
+    def record(self, shards: dict[str, dict], complete: bool = False) -> None:
         tmp = self.manifest.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": shards}),
-                       encoding="utf-8")
-        os.replace(tmp, self.manifest)
+        try:
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "shards": shards,
+                                       "complete": complete}), encoding="utf-8")
+            os.replace(tmp, self.manifest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.shards, self.complete = shards, complete
+
+    def seal(self) -> None:
+        """Mark the folder complete: the next run only publishes it."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.record(self.shards, complete=True)
+
+    def worth_keeping(self) -> bool:
+        """Whether a failed run leaves anything to resume: finished shards or GPTQ results."""
+        return bool(self.shards) or (self.scratch.is_dir() and any(self.scratch.iterdir()))
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def publish(self, force: bool) -> None:
-        """Rename the finished folder to DST (replacing it only with force)."""
-        shutil.rmtree(self.scratch, ignore_errors=True)
-        self.manifest.unlink()
-        _fsync_dir(self.path)
-        if self.dst.exists():
-            if not force:
-                raise InputError(f"{self.dst} exists; pass --force to replace it")
-            shutil.rmtree(self.dst)
-        os.rename(self.path, self.dst)
-        _fsync_dir(self.dst.parent)
+        if self.opened:  # only a folder this run created or recognised as its own
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
-def write_shards(plan: Plan, ws: Workspace, done: dict[str, dict],
-                 provider: Provider | None = None) -> dict[str, float]:
-    """Write every shard not in `done` (recording each in the manifest); returns the output
-    error of every quantized weight, module -> relative error."""
+def check_space(plan: Plan, ws: Workspace) -> None:
+    """Refuse up front when the shards still to write and the copied files do not fit."""
+    need = sum(s.size for s in plan.shards if s.file not in ws.shards)
+    need += sum(f.stat().st_size for f in plan.src.iterdir()
+                if f.is_file() and not f.name.endswith(".safetensors"))
+    free = shutil.disk_usage(ws.path).free
+    if need > free:
+        raise InputError(f"not enough space for {ws.path}: the output needs {need / 1e6:,.1f} MB "
+                         f"more, its file system has {free / 1e6:,.1f} MB free; free some space "
+                         "or choose another DST")
+
+
+def write_shards(plan: Plan, ws: Workspace, provider: Provider | None = None) -> dict[str, float]:
+    """Write every shard the workspace has not finished (recording each in the manifest);
+    returns the output error of every quantized weight, module -> relative error."""
+    done = dict(ws.shards)
     total = sum(j.source.nbytes for j in plan.jobs)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="quantize",
               smoothing=0.05, dynamic_ncols=True) as bar:
@@ -138,10 +162,15 @@ def write_shard(shard: Shard, path: Path, provider: Provider | None,
                                        f"its header says {job.out_bytes}")
             out.flush()
             os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk, a read error, Ctrl-C: no half shard stays behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write() names no file
+            exc.filename = str(tmp)
+        raise
     finally:
         for f in handles.values():
             f.close()
-    os.replace(tmp, path)
     return errors
 
 
@@ -152,7 +181,11 @@ def _handle(handles: dict, file: Path):
 
 
 def _read(src, info: TensorInfo, offset: int, buf: memoryview) -> None:
-    got = os.preadv(src.fileno(), [buf], info.offset + offset)
+    try:
+        got = os.preadv(src.fileno(), [buf], info.offset + offset)
+    except OSError as exc:
+        exc.filename = str(info.file)
+        raise
     if got != len(buf):
         raise CheckpointError(f"{info.file.name}: tensor {info.name} is cut off (read {got} of "
                               f"{len(buf)} bytes at {info.offset + offset}); the source is "
@@ -244,11 +277,3 @@ def finish(plan: Plan, ws: Workspace, report: dict) -> None:
 
 def _dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

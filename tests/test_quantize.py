@@ -21,15 +21,16 @@ recipes = import_quantize("recipes")
 plan_mod = import_quantize("plan")
 writer = import_quantize("writer")
 qmain = import_quantize("main")
+destination = import_quantize("destination")
 
 INT4, INT8 = QuantScheme(4, 128, True), QuantScheme(8, None, True)
 
 
-def _full_modules() -> list[str]:
+def _full_modules() -> dict[str, int]:
     config, _ = build_configs("full", None, None)
     specs = tensor_specs(config["text_config"], config["vision_config"])
-    return [n.removesuffix(".weight") for n, shape, _ in specs
-            if n.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in n]
+    return {n.removesuffix(".weight"): shape[1] for n, shape, _ in specs
+            if n.endswith(".weight") and len(shape) == 2 and "embed_tokens" not in n}
 
 
 def test_recipes_assign_what_the_issue_defines():
@@ -218,7 +219,7 @@ def test_killed_run_resumes_to_the_same_bytes(tiny128_checkpoint, tmp_path, monk
 
 def test_a_partial_run_with_other_settings_starts_over(tiny128_checkpoint, tmp_path, monkeypatch):
     dst = tmp_path / "q"
-    monkeypatch.setattr(writer.Workspace, "publish", lambda self, force: None)  # stop before rename
+    monkeypatch.setattr(destination.Destination, "publish", lambda self, force: None)  # no rename
     qmain.quantize(tiny128_checkpoint, dst, recipe="int8", shard_size=300_000)
     stale = json.loads((tmp_path / "q.partial" / writer.MANIFEST).read_text())
     monkeypatch.undo()
@@ -268,8 +269,17 @@ def test_existing_dst_needs_force_and_dst_must_not_overlap_src(tiny128_checkpoin
     (dst / "old.txt").write_text("old")
     assert qmain.main([str(tiny128_checkpoint), str(dst)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
-    assert qmain.main([str(tiny128_checkpoint), str(dst), "--force", "--recipe", "int8"]) == 0
-    assert not (dst / "old.txt").exists() and (dst / "config.json").exists()
+    # --force replaces only an earlier quantize output, never another folder
+    assert qmain.main([str(tiny128_checkpoint), str(dst), "--force", "--recipe", "int8"]) == 2
+    assert "is not a `kimivl-local quantize` output" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["old.txt"] and (dst / "old.txt").read_text() == "old"
+    assert not list(tmp_path.glob("q.*"))  # no partial, no lock file
+    (dst / "old.txt").unlink()  # an empty folder holds nothing to lose: no --force needed
+    assert qmain.main([str(tiny128_checkpoint), str(dst), "--recipe", "int8"]) == 0
+    assert qmain.main([str(tiny128_checkpoint), str(dst), "--force", "--recipe", "int4"]) == 0
+    config = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     for bad in (tiny128_checkpoint, tiny128_checkpoint / "sub"):
         assert qmain.main([str(tiny128_checkpoint), str(bad), "--force"]) == 2
         assert "must be outside SRC" in capsys.readouterr().err
