@@ -15,6 +15,7 @@ from kimivl_local.errors import KimiVLError
 from .handlers import ChatHandlers
 from .openai_api import openai_router
 from .ui import CSS, build_ui
+from .uploads import closed_routes, private_upload_dir
 from .worker import GenerationQueue
 
 # System fonts only: the app must look right offline, without Google Fonts.
@@ -27,6 +28,7 @@ THEME = gr.themes.Soft(
 def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> FastAPI:
     """The ASGI app for a loaded `KimiVL`. Its generation queue is `app.state.generation_queue`;
     it is closed when the app shuts down."""
+    private_upload_dir()  # before any Gradio block exists: each reads it when built
     queue = GenerationQueue(model, max_waiting)
 
     @asynccontextmanager
@@ -38,8 +40,11 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     app.state.generation_queue = queue
     app.include_router(openai_router(queue, max_upload_mb * 2**20))
     demo = build_ui(ChatHandlers(queue), model)
-    return gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20,
-                               theme=THEME, css=CSS, ssr_mode=False, footer_links=["settings"])
+    gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20, theme=THEME,
+                        css=CSS, ssr_mode=False, footer_links=["settings"], run_history=False,
+                        enable_monitoring=False, mcp_server=False)
+    closed_routes(app)
+    return app
 
 
 def check_port(host: str, port: int) -> None:
