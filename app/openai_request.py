@@ -6,8 +6,7 @@ Anything the runtime cannot honour (tools, logprobs, n > 1, penalties, remote im
 refused rather than silently ignored; unknown fields are ignored, as OpenAI-compatible local
 servers do, because clients send many optional ones.
 
-Sampling: a temperature below MIN_TEMPERATURE or a top_p below MIN_TOP_P samples greedily. Both
-are the greedy limit of their parameter, and smaller values overflow the fp32 sampler to NaN.
+A temperature or top_p too small to sample with samples greedily (chat.greedy_if_vanishing).
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from .chat import greedy_if_vanishing
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
-MIN_TEMPERATURE = 1e-4
-MIN_TOP_P = 1e-6
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 _short = reprlib.Repr()  # values quoted in messages: bounded in length and depth
 _short.maxlevel, _short.maxstring, _short.maxother = 2, 40, 40
@@ -93,8 +92,7 @@ def parse_chat_request(body: Any, defaults: dict) -> ChatRequest:
         raise APIError(400, "only n=1 is supported", "n")
     temperature = _or(_number(body, "temperature", float, 0, 2), defaults["temperature"])
     top_p = _or(_number(body, "top_p", float, 0, 1), defaults["top_p"])
-    if temperature < MIN_TEMPERATURE or top_p < MIN_TOP_P:
-        temperature, top_p = 0.0, 1.0
+    temperature, top_p = greedy_if_vanishing(temperature, top_p)
     options = {
         "max_new_tokens": _number(body, "max_completion_tokens", int, 1)
         or _number(body, "max_tokens", int, 1) or defaults["max_new_tokens"],

@@ -18,6 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 from kimivl_local.sampling import SamplingParams  # noqa: E402
 
 request = import_app("openai_request")
+chat = import_app("chat")
 DEFAULTS = {"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 64}
 BUDGET = settings(max_examples=150, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow])
@@ -55,7 +56,7 @@ def check(body) -> None:
         return
     o = req.options
     SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["seed"])  # accepted as is
-    assert o["temperature"] == 0.0 or o["temperature"] >= request.MIN_TEMPERATURE
+    assert o["temperature"] == 0.0 or o["temperature"] >= chat.MIN_TEMPERATURE
     assert type(o["max_new_tokens"]) is int and o["max_new_tokens"] >= 1
     if o["seed"] is not None:
         torch.Generator().manual_seed(o["seed"])
