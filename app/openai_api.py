@@ -58,9 +58,8 @@ def openai_router(queue: GenerationQueue, max_body_bytes: int) -> APIRouter:
     async def chat_completions(request: Request):
         try:
             return await _chat_completions(request)
-        except ClientDisconnect:  # the client left while sending its request
-            log.info("client %s disconnected while sending its request", _client(request))
-            return JSONResponse({}, status_code=499)
+        except ClientDisconnect:  # the client left while sending its body: transport.access_log
+            raise
         except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
             log.exception("POST /v1/chat/completions failed")
             return APIError(500, "internal server error (see the server log)").response()
@@ -111,10 +110,6 @@ async def _json_body(request: Request, limit: int):
             raise APIError(413, f"the request body is over {limit // 2**20} MiB (images "
                                 "included); raise --max-upload-mb to allow it")
     return parse_json(bytes(body))
-
-
-def _client(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "?"
 
 
 async def _reply(job: Job, stops: list[str],

@@ -15,6 +15,7 @@ import time
 
 import h11
 import uvicorn
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("kimivl_local.app")
@@ -67,12 +68,14 @@ class ClientTimeoutProtocol(H11Protocol):
 
 def access_log(app):
     """ASGI middleware: one line per HTTP request: method, path, status, tokens, seconds.
-    A route reports the tokens it used in request.state.tokens (prompt, completion)."""
+    A route reports the tokens it used in request.state.tokens (prompt, completion). A client
+    that disconnects while sending its request (any route, Gradio's uploads included) is that
+    one line too, not a traceback."""
 
     async def logged(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
-        start, status = time.perf_counter(), [None]
+        start, status, note = time.perf_counter(), [None], ""
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -81,11 +84,13 @@ def access_log(app):
 
         try:
             await app(scope, receive, send_status)
+        except ClientDisconnect:  # 499: nginx's "client closed request"; nobody gets a status
+            status[0], note = 499, " (the client disconnected while sending its request)"
         finally:
             tokens = scope.get("state", {}).get("tokens")
-            log.info("%s %s %s %s %.3f s", scope["method"], scope["path"], status[0] or "-",
+            log.info("%s %s %s %s %.3f s%s", scope["method"], scope["path"], status[0] or "-",
                      f"{tokens[0]}+{tokens[1]} tokens" if tokens else "-",
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, note)
 
     return logged
 
