@@ -35,7 +35,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     """The ASGI app for a loaded `KimiVL`. Its generation queue is `app.state.generation_queue`;
     it is closed when the app shuts down."""
     check_upload_mb(max_upload_mb)
-    private_upload_dir()  # before any Gradio block exists: each reads it when built
+    upload_dir = private_upload_dir()  # before any Gradio block exists: each reads it when built
     queue = GenerationQueue(model, max_waiting)
 
     @asynccontextmanager
@@ -50,7 +50,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20, theme=THEME,
                         css=CSS, ssr_mode=False, footer_links=["settings"], run_history=False,
                         enable_monitoring=False, mcp_server=False)
-    closed_routes(app)
+    closed_routes(app, upload_dir)
     return app
 
 

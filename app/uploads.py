@@ -4,8 +4,9 @@ A Gradio client may name any server path in a message's FileData (`{"path": "/et
 "meta": {"_type": "gradio.FileData"}}`). Gradio copies that file into its cache before the handler
 runs and serves the copy; its own "was this uploaded?" check is skipped for an app mounted on
 FastAPI (it only runs once `launch()` has set `has_launched`). So the textbox checks every path a
-client sends against this server's upload folder before a byte is read or copied, and the routes
-that fetch remote URLs or serve what the chat does not use are closed (`closed_routes`).
+client sends against this server's upload folder before a byte is read or copied; the file route
+serves uploads only, and the routes that fetch remote URLs or serve what the chat does not use
+are closed (`closed_routes`). The app has no examples, allowed_paths or static paths.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ log = logging.getLogger("kimivl_local.app")
 REFUSED_SUFFIXES = (".svg", ".svgz")
 
 # Gradio routes the chat never uses that fetch URLs for a client, report on other users' events,
-# run ffmpeg on a recording, or belong to Gradio's dev tools. Matched after the mount path.
-CLOSED = re.compile(r"/(gradio_api/)?(proxy=|file=[a-z][a-z0-9+.-]*:|file/[a-z][a-z0-9+.-]*:|"
-                    r"process_recording|monitoring|vibe-|undo-vibe-|run-history|runs|"
-                    r"profiling|dev/)", re.IGNORECASE)
+# run ffmpeg on a recording, or belong to Gradio's dev tools.
+CLOSED = re.compile(r"/(gradio_api/)?(proxy=|process_recording|monitoring|vibe-|undo-vibe-|"
+                    r"run-history|runs|profiling|dev/)", re.IGNORECASE)
+# Gradio's file route serves its upload folder, but also its examples cache (a folder relative to
+# the working directory) and static paths; here it serves uploads only.
+FILE_ROUTE = re.compile(r"/gradio_api/file[=/](.*)", re.IGNORECASE | re.DOTALL)
 
 
 def private_upload_dir() -> str:
@@ -77,13 +80,15 @@ class UploadedFilesTextbox(gr.MultimodalTextbox):
         return super().move_resource_to_block_cache(url_or_file_path)
 
 
-def closed_routes(app, mount: str = "") -> None:
-    """Answer 404 for the Gradio routes in CLOSED (see above), before Gradio sees the request."""
+def closed_routes(app, upload_dir: str) -> None:
+    """Answer 404 for the Gradio routes in CLOSED and for a file route naming anything but an
+    upload, before Gradio sees the request."""
 
     @app.middleware("http")
     async def refuse(request, call_next):
         path = unquote(request.url.path)
-        if path.startswith(mount) and CLOSED.match(path[len(mount.rstrip("/")):]):
+        served = FILE_ROUTE.match(path)
+        if CLOSED.match(path) or (served and not is_uploaded(served[1], upload_dir)):
             return JSONResponse({"error": {"message": "not found", "type": "invalid_request_error",
                                            "param": None, "code": "not_found"}}, status_code=404)
         return await call_next(request)

@@ -79,7 +79,7 @@ def test_a_path_that_was_not_uploaded_is_refused_unread(served, secret, how):
     assert len(calls) == before  # nothing reached the model
     assert copies_of(secret.read_bytes()) == []
     r = httpx.get(f"{url}/gradio_api/file={secret}", timeout=30)
-    assert r.status_code == 403 and r.content != secret.read_bytes()
+    assert r.status_code == 404 and r.content != secret.read_bytes()
 
 
 def test_an_uploaded_image_reaches_the_model_and_is_served_back(served, tmp_path):
@@ -111,9 +111,18 @@ def test_routes_the_chat_does_not_use_are_closed(served, route):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_files_outside_the_upload_folder_are_not_served(served):
-    r = httpx.get(f"{served[0]}/gradio_api/file=/etc/hostname", timeout=30)
-    assert r.status_code == 403
+def test_files_outside_the_upload_folder_are_not_served(served, tmp_path, monkeypatch):
+    # Gradio itself would serve its examples cache, a folder relative to the working directory
+    cached = tmp_path / ".gradio" / "cached_examples" / "x.png"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"cached")
+    monkeypatch.chdir(tmp_path)
+    upload_dir = os.environ["GRADIO_TEMP_DIR"]
+    for path in ("/etc/hostname", str(cached), ".gradio/cached_examples/x.png",
+                 f"{upload_dir}/../{os.path.relpath('/etc/hostname', upload_dir + '/..')}"):
+        for route in ("file=", "file/"):
+            r = httpx.get(f"{served[0]}/gradio_api/{route}{path}", timeout=30)
+            assert r.status_code == 404, (route, path)
 
 
 def test_is_uploaded_resolves_links_and_dotdot(tmp_path):
