@@ -43,7 +43,8 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
         yield
         queue.close()
 
-    app = FastAPI(title="kimivl-local", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="kimivl-local", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.generation_queue = queue
     app.include_router(openai_router(queue, max_upload_mb * 2**20))
     demo = build_ui(ChatHandlers(queue), model)

@@ -98,8 +98,8 @@ def test_n_null_and_a_64_bit_seed_are_accepted(base_url):
 
 
 @pytest.mark.parametrize("method, path, status", [
-    ("GET", "/v1/nope", 404), ("POST", "/v1/completions", 404), ("GET", "/v1/chat/completions", 405),
-    ("POST", "/v1/models", 405), ("DELETE", "/v1/models", 405),
+    ("GET", "/v1/nope", 404), ("POST", "/v1/completions", 404),
+    ("GET", "/v1/chat/completions", 405), ("POST", "/v1/models", 405), ("DELETE", "/v1/models", 405),
 ])
 def test_unknown_routes_and_methods_in_openai_shape(base_url, method, path, status):
     r = httpx.request(method, base_url + path, timeout=30)
