@@ -29,9 +29,10 @@ log = logging.getLogger("kimivl_local.app")
 REFUSED_SUFFIXES = (".svg", ".svgz")
 
 # Gradio routes the chat never uses that fetch URLs for a client, report on other users' events,
-# run ffmpeg on a recording, or belong to Gradio's dev tools.
-CLOSED = re.compile(r"/(gradio_api/)?(proxy=|process_recording|monitoring|vibe-|undo-vibe-|"
-                    r"run-history|runs|profiling|dev/)", re.IGNORECASE)
+# run ffmpeg on a recording, read files of custom components (the app has none), or belong to
+# Gradio's dev tools.
+CLOSED = re.compile(r"/(gradio_api/)?(proxy=|process_recording|monitoring|custom_component/|"
+                    r"vibe-|undo-vibe-|run-history|runs|profiling|dev/)", re.IGNORECASE)
 # Gradio's file route serves its upload folder, but also its examples cache (a folder relative to
 # the working directory) and static paths; here it serves uploads only.
 FILE_ROUTE = re.compile(r"/gradio_api/file[=/](.*)", re.IGNORECASE | re.DOTALL)

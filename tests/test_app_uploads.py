@@ -105,6 +105,7 @@ def test_an_uploaded_image_reaches_the_model_and_is_served_back(served, tmp_path
     "/gradio_api/proxy=http://127.0.0.1:9/x",
     "/monitoring/summary",  # other users' event statistics
     "/gradio_api/run-history/buckets",
+    "/gradio_api/custom_component/x/client/..%2F/uploads.py",
 ])
 def test_routes_the_chat_does_not_use_are_closed(served, route):
     r = httpx.get(served[0] + route, timeout=30)
