@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 server = import_app("server")
 uploads = import_app("uploads")
 
+USER_TEMP_DIR = os.environ.get("GRADIO_TEMP_DIR")  # read at collection, before any app exists
 SETTINGS = ["", 0.0, 1.0, 0, 16, "", False]  # system, temperature, top_p, top_k, max, pdf...
 
 
@@ -124,6 +125,13 @@ def test_files_outside_the_upload_folder_are_not_served(served, tmp_path, monkey
         for route in ("file=", "file/"):
             r = httpx.get(f"{served[0]}/gradio_api/{route}{path}", timeout=30)
             assert r.status_code == 404, (route, path)
+
+
+@pytest.mark.skipif(bool(USER_TEMP_DIR), reason="GRADIO_TEMP_DIR chosen by the user is used")
+def test_uploads_go_to_a_private_folder(served):
+    folder = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert folder.name.startswith("kimivl-uploads-")  # ours, not the shared /tmp/gradio
+    assert folder.stat().st_mode & 0o777 == 0o700
 
 
 def test_is_uploaded_resolves_links_and_dotdot(tmp_path):

@@ -213,6 +213,7 @@ def test_a_long_answer_is_not_cut_by_the_client_timeout(base_url, tiny_model_fp3
     ("--port", "70000", "--port must be from 1 to 65535"),
     ("--max-upload-mb", "0", "--max-upload-mb must be a whole number"),
     ("--max-upload-mb", "-5", "--max-upload-mb must be a whole number"),
+    ("--host", "x" * 300, "cannot listen on"),
 ])
 def test_serve_checks_its_arguments_before_loading(tiny_checkpoint, capsys, flag, value, message):
     from kimivl_local.cli import main
