@@ -24,6 +24,7 @@ from .chat import greedy_if_vanishing
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # stop matching holds back and rescans up to this much text per piece
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 _short = reprlib.Repr()  # values quoted in messages: bounded in length and depth
 _short.maxlevel, _short.maxstring, _short.maxother = 2, 40, 40
@@ -170,9 +171,9 @@ def _stops(stop: Any) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOPS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} "
-                            "of them", "stop")
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise APIError(400, f"'stop' must be a string of 1 to {MAX_STOP_CHARS} characters or a "
+                            f"list of up to {MAX_STOPS} of them", "stop")
     return stops
 
 

@@ -56,6 +56,7 @@ def error_of(r: httpx.Response) -> dict:
      "stream_options.include_usage", "must be true or false"),
     ({"messages": HI, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ({"messages": HI, "model": 3}, "model", "must be a string"),
+    ({"messages": HI, "stop": "x" * 1001}, "stop", "1 to 1000 characters"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]},
      "messages[0].content[0]", "not a base64 data: URL"),
@@ -142,17 +143,19 @@ def test_each_request_is_one_access_log_line(base_url, caplog):
     caplog.set_level(logging.INFO, "kimivl_local")
     post(base_url, {"messages": HI, "max_tokens": 3, "temperature": 0})
     httpx.get(f"{base_url}/v1/nope", timeout=30)
+    post(base_url, {"messages": HI, "max_tokens": 3, "stream": True})
     deadline = time.monotonic() + 5
-    while len([r for r in caplog.records if " s" in r.message]) < 2 \
+    while len([r for r in caplog.records if r.message.startswith(("POST /v1", "GET /v1"))]) < 3 \
             and time.monotonic() < deadline:
         time.sleep(0.05)
     lines = [r.message for r in caplog.records if r.message.startswith(("POST /v1", "GET /v1"))]
-    assert len(lines) == 2, lines
-    method, path, status, tokens, *rest = lines[0].split()
-    assert (method, path, status) == ("POST", "/v1/chat/completions", "200")
-    prompt, completion = tokens.split("+")
-    assert int(prompt) > 0 and 1 <= int(completion) <= 3 and rest[-1] == "s"
+    assert len(lines) == 3, lines
     assert lines[1].startswith("GET /v1/nope 404 - ")
+    for line in lines[0], lines[2]:  # a complete answer, then a streamed one
+        method, path, status, tokens, _, seconds, unit = line.split()
+        assert (method, path, status, unit) == ("POST", "/v1/chat/completions", "200", "s")
+        prompt, completion = tokens.split("+")
+        assert int(prompt) > 0 and 1 <= int(completion) <= 3 and float(seconds) > 0
 
 
 def recv_until_closed(sock: socket.socket, budget: float) -> float:
