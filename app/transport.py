@@ -88,7 +88,8 @@ def access_log(app):
             status[0], note = 499, " (the client disconnected while sending its request)"
         finally:
             tokens = scope.get("state", {}).get("tokens")
-            log.info("%s %s %s %s %.3f s%s", scope["method"], scope["path"], status[0] or "-",
+            path = repr(scope["path"])[1:-1]  # a decoded %0A must not start a fake log line
+            log.info("%s %s %s %s %.3f s%s", scope["method"], path, status[0] or "-",
                      f"{tokens[0]}+{tokens[1]} tokens" if tokens else "-",
                      time.perf_counter() - start, note)
 

@@ -142,7 +142,7 @@ def test_input_errors_are_400_and_keep_the_cache(base_url, tiny_model_fp32, monk
 def test_each_request_is_one_access_log_line(base_url, caplog):
     caplog.set_level(logging.INFO, "kimivl_local")
     post(base_url, {"messages": HI, "max_tokens": 3, "temperature": 0})
-    httpx.get(f"{base_url}/v1/nope", timeout=30)
+    httpx.get(f"{base_url}/v1/nope%0A12:00:00 GET /forged 200", timeout=30)
     post(base_url, {"messages": HI, "max_tokens": 3, "stream": True})
     deadline = time.monotonic() + 5
     while len([r for r in caplog.records if r.message.startswith(("POST /v1", "GET /v1"))]) < 3 \
@@ -150,7 +150,7 @@ def test_each_request_is_one_access_log_line(base_url, caplog):
         time.sleep(0.05)
     lines = [r.message for r in caplog.records if r.message.startswith(("POST /v1", "GET /v1"))]
     assert len(lines) == 3, lines
-    assert lines[1].startswith("GET /v1/nope 404 - ")
+    assert lines[1].startswith("GET /v1/nope\\n12:00:00 GET /forged 200 404 - ")
     for line in lines[0], lines[2]:  # a complete answer, then a streamed one
         method, path, status, tokens, _, seconds, unit = line.split()
         assert (method, path, status, unit) == ("POST", "/v1/chat/completions", "200", "s")
