@@ -130,10 +130,10 @@ setup(
         # pypdf (+ cryptography for AES) writes encrypted PDFs; av 18 writes rotated videos; the openai client and
         # playwright (driving Debian's chromium, never a downloaded browser) test the app;
         # compressed-tensors is the oracle for the quantized format (0.20 for its model-free
-        # dequantizer; its torch>=2.10 is met by the CPU torch, which it leaves in place).
+        # dequantizer; its torch>=2.10 is met by the CPU torch, which it leaves in place);
+        # hypothesis fuzzes the parsers.
         "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf[crypto]>=4", "av>=18",
-                 "openai>=1.40", "playwright>=1.40", "compressed-tensors>=0.20",
-                 "hypothesis>=6"],  # fuzzes the input gates (tests/test_fuzz_inputs.py)
+                 "openai>=1.40", "playwright>=1.40", "compressed-tensors>=0.20", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
     zip_safe=False,

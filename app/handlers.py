@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from gradio import Request
 
+from kimivl_local.errors import InputError
 from kimivl_local.thinking import ThinkingSplitter
 
 from .chat import Settings, Turn, model_messages, new_turn, render, stats_line
@@ -89,7 +90,7 @@ class ChatHandlers:
             return
         try:
             job = self.queue.submit(model_messages(turns, settings.system), settings.options())
-        except QueueFullError as exc:
+        except (QueueFullError, InputError) as exc:
             turn.error = str(exc)
             yield render(turns), turns
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,13 +17,16 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from kimivl_local.thinking import ThinkingSplitter
 
 from .chat import default_settings
 from .model_info import model_name
-from .openai_request import APIError, ChatRequest, parse_chat_request
+from .openai_request import APIError, ChatRequest, parse_chat_request, parse_json
 from .worker import Failed, Finished, GenerationQueue, Job, Piece, QueueFullError
+
+log = logging.getLogger("kimivl_local.app")
 
 FAILURE_STATUS = {"input": (400, None), "context": (400, "context_length_exceeded"),
                   "memory": (500, "out_of_memory"), "internal": (500, None)}
@@ -53,13 +57,22 @@ def openai_router(queue: GenerationQueue, max_body_bytes: int) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
+            return await _chat_completions(request)
+        except ClientDisconnect:  # the client left while sending its body: transport.access_log
+            raise
+        except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
+            log.exception("POST /v1/chat/completions failed")
+            return APIError(500, "internal server error (see the server log)").response()
+
+    async def _chat_completions(request: Request):
+        try:
             req = parse_chat_request(await _json_body(request, max_body_bytes), defaults)
             job = queue.submit(req.messages, req.options, loop=asyncio.get_running_loop())
         except QueueFullError as exc:
             return APIError(429, str(exc), code="queue_full", type_="rate_limit_error").response()
         except APIError as exc:
             return exc.response()
-        reply = _reply(job, req.stop)
+        reply = _reply(job, req.stop, request.state)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": name}
         try:
@@ -69,6 +82,20 @@ def openai_router(queue: GenerationQueue, max_body_bytes: int) -> APIRouter:
         if req.stream:
             return StreamingResponse(_sse(head, req, first, reply), media_type="text/event-stream")
         return await _complete(head, first, reply, request)
+
+    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+
+    @router.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                                "OPTIONS"], include_in_schema=False)
+    def unknown(request: Request):
+        allowed = routes.get(request.url.path.rstrip("/"))
+        if allowed is None:
+            return APIError(404, f"no route {request.url.path}; this server has "
+                                 f"{', '.join(routes)}", code="unknown_url").response()
+        response = APIError(405, f"{request.url.path} takes {allowed} only, not "
+                                 f"{request.method}", code="method_not_allowed").response()
+        response.headers["allow"] = allowed
+        return response
 
     return router
 
@@ -82,14 +109,13 @@ async def _json_body(request: Request, limit: int):
         if len(body) > limit:
             raise APIError(413, f"the request body is over {limit // 2**20} MiB (images "
                                 "included); raise --max-upload-mb to allow it")
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise APIError(400, f"the body is not valid JSON ({exc})") from None
+    return parse_json(bytes(body))
 
 
-async def _reply(job: Job, stops: list[str]) -> AsyncIterator[tuple[str, str] | Outcome]:
-    """("reasoning_content" | "content", text) pieces, then one Outcome; raises APIError."""
+async def _reply(job: Job, stops: list[str],
+                 state) -> AsyncIterator[tuple[str, str] | Outcome]:
+    """("reasoning_content" | "content", text) pieces, then one Outcome; raises APIError.
+    The token counts go to state.tokens (the request's, for the access log)."""
     splitter, matcher, stopped = ThinkingSplitter(), StopMatcher(stops), False
     try:
         async for event in job.aevents():
@@ -112,6 +138,7 @@ async def _reply(job: Job, stops: list[str]) -> AsyncIterator[tuple[str, str] | 
                     if matcher.pending:
                         yield "content", matcher.pending
                 s = event.stats
+                state.tokens = (s.prompt_tokens, s.generated_tokens)
                 finish = "stop" if stopped or s.finish_reason == "stop" else "length"
                 yield Outcome(finish, {"prompt_tokens": s.prompt_tokens,
                                        "completion_tokens": s.generated_tokens,

@@ -9,6 +9,7 @@ from kimivl_local.info import collect_info, format_info
 from .chat import FILE_TYPES, default_settings
 from .handlers import ChatHandlers
 from .model_info import model_summary
+from .uploads import UploadedFilesTextbox
 
 CSS = """
 #chat-col { max-width: 980px; margin: 0 auto; }
@@ -31,11 +32,11 @@ def build_ui(handlers: ChatHandlers, model) -> gr.Blocks:
                                      placeholder="Ask anything. Attach images, PDFs or videos with "
                                                  "the clip, by dropping them here, or by pasting.",
                                      buttons=["copy"], feedback_options=None)
-                box = gr.MultimodalTextbox(elem_id="input", show_label=False, sources=["upload"],
+                box = UploadedFilesTextbox(elem_id="input", show_label=False, sources=["upload"],
                                            file_types=FILE_TYPES, file_count="multiple",
                                            placeholder="Message Kimi-VL…", autofocus=True,
-                                           # pasted text stays text (Gradio would turn more than
-                                           # 1000 characters into a .txt attachment)
+                                           # pasted text stays text (Gradio would turn more
+                                           # than 1000 characters into a .txt attachment)
                                            max_plain_text_length=10**7)
                 with gr.Row(elem_classes="action-row"):
                     stop = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop")

@@ -300,13 +300,14 @@ def cmd_bench(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .app.server import check_port, serve
+        from .app.server import check_port, check_upload_mb, serve
     except ModuleNotFoundError as exc:
         if exc.name.startswith("kimivl_local"):
             raise KimiVLError("the app is not installed (kimivl_local.app); install the package "
                               "with `pip install .`") from None
         raise KimiVLError(f"the app needs {exc.name}: pip install gradio fastapi uvicorn") from None
-    check_port(args.host, args.port)  # before the minutes a real checkpoint takes to load
+    check_upload_mb(args.max_upload_mb)  # before the minutes a real checkpoint takes to load
+    check_port(args.host, args.port)
     model = _load(args)
     url = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"
     print(f"chat: {url}/  OpenAI API: {url}/v1  (Ctrl-C to stop)", file=sys.stderr)

@@ -37,13 +37,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app, startup_timeout: float = 30.0):
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+def running_server(app, startup_timeout: float = 30.0, **config):
+    """Serve an ASGI app on 127.0.0.1 in a thread, with the settings `serve` uses (config:
+    more of them, e.g. client_timeout); yield its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=2))
+    transport = import_app("transport")
+    server = uvicorn.Server(transport.server_config(app, "127.0.0.1", free_port(), lifespan="on",
+                                                    timeout_graceful_shutdown=2, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout

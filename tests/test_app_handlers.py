@@ -327,3 +327,11 @@ def test_default_sampling_follows_the_model(path, config_temperature, expected):
     settings = chat.default_settings(model)
     assert settings.temperature == expected and settings.top_p == 1.0
     assert settings.max_new_tokens == (4096 if "Thinking" in path else 512)
+
+
+def test_unusable_sampling_settings(handlers, spy):
+    """What no slider gives but Gradio's API passes (NaN is within every slider's bounds)."""
+    *_, turns, _ = send(handlers, [], "hi", temperature=float("nan"))
+    assert "sampling settings must be numbers" in turns[-1].error and spy == []
+    *_, turns, _ = send(handlers, [], "hi", temperature=1e-300, top_p=1.0)
+    assert turns[-1].ok and spy[-1][1]["temperature"] == 0.0  # too small to sample: greedy
