@@ -1,5 +1,6 @@
 """Find a checkpoint (folder or Hugging Face repo id in the local cache), validate it strictly,
-and fill a model built on the meta device from the mmapped shards: one copy of the weights."""
+and fill a model built on the meta device tensor by tensor from the shards: one copy of the
+weights, all in memory the process owns (nothing stays mapped from the files)."""
 
 from __future__ import annotations
 
@@ -114,15 +115,11 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
         target = torch.float32 if keep_fp32 else placement.dtype_of(prefix + name, dtype)
         names = checkpoint_names(prefix + name, param.shape)
         if len(names) == 1:
-            stored = ckpt.load(names[0])
-            value = stored.to(device=device, dtype=target)
-            if value.data_ptr() != stored.data_ptr():  # converted or moved: the file pages
-                ckpt.release(names[0])                 # are no longer needed in this process
+            value = ckpt.load(names[0]).to(device=device, dtype=target)
         else:  # stacked experts: fill [E, ...] one expert at a time
             value = torch.empty(param.shape, dtype=target, device=device)
             for e, n in enumerate(names):
                 value[e].copy_(ckpt.load(n))
-                ckpt.release(n)
         _set_parameter(module, name, value)
 
 

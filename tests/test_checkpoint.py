@@ -2,6 +2,7 @@
 naming the file and tensor."""
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -62,15 +63,21 @@ def _expect_error(folder, *fragments):
 NAME = "language_model.model.layers.2.self_attn.kv_b_proj.weight"
 
 
-def _rewrite_shard(file, edit_header):
-    """Rewrite one shard's header (tensor data untouched) through `edit_header(dict)`."""
+def _rewrite_shard(file, edit_header, append=b""):
+    """Rewrite one shard's header through `edit_header(dict)`; tensor data untouched, `append`
+    added after it."""
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     edit_header(header)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:] + append)
+
+
+def _data_size(file):
+    raw = file.read_bytes()
+    return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
 
 
 def test_missing_tensor(fresh_checkpoint):
@@ -88,10 +95,16 @@ def test_unexpected_tensor(fresh_checkpoint):
     folder = fresh_checkpoint()
     extra = "language_model.model.layers.0.self_attn.q_a_proj.weight"
     shard = _shard_of(folder, NAME)
+    end = _data_size(shard)
+    nbytes = 0
 
     def add(header):
-        header[extra] = dict(header[NAME])  # aliases existing bytes; only the name matters
+        nonlocal nbytes
+        start, stop = header[NAME]["data_offsets"]
+        nbytes = stop - start
+        header[extra] = dict(header[NAME], data_offsets=[end, end + nbytes])
     _rewrite_shard(shard, add)
+    _rewrite_shard(shard, lambda h: None, append=bytes(nbytes))
     index = _index(folder)
     index["weight_map"][extra] = shard.name
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -184,12 +197,15 @@ def test_model_path_errors(tmp_path, monkeypatch):
 
 
 def test_repo_id_resolves_from_hf_cache(tmp_path, monkeypatch, tiny_checkpoint):
-    # The hub cache layout: models--owner--name/{refs/main, snapshots/<hash>/...}.
+    # The hub cache layout: models--owner--name/{refs/main, blobs/<hash>, snapshots/<hash>/...},
+    # each snapshot file a relative symlink into blobs/.
     repo = tmp_path / "hub" / "models--moonshotai--Kimi-VL-A3B-Instruct"
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
     for f in tiny_checkpoint.iterdir():
-        (snap / f.name).symlink_to(f)
+        shutil.copyfile(f, repo / "blobs" / f"blob-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/blob-{f.name}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
