@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, NonFiniteLogitsError
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,33 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """logits [vocab] fp32 -> token id."""
+        """logits [vocab] fp32 -> token id; NonFiniteLogitsError when they hold NaN or +inf
+        (or are all -inf). The check rides on the token's own read-back: no extra sync."""
         p = self.params
         if p.temperature == 0.0:
-            return int(logits.argmax())
-        logits = logits.float() / p.temperature
-        if 0 < p.top_k < logits.numel():
-            kth = logits.topk(p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, -torch.inf)
-        if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(descending=True)
-            probs = sorted_logits.softmax(-1)
-            # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1).
-            drop = (probs.cumsum(-1) - probs) >= p.top_p
-            logits = logits.scatter(0, order[drop], -torch.inf)
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            token = logits.argmax()
+            ok = logits[token].isfinite()  # argmax picks a NaN or +inf when there is one
+        else:
+            top = logits.max()  # NaN when any logit is NaN
+            ok = top.isfinite()
+            # Shifted so the largest is 0: a tiny temperature gives -inf, never inf - inf = NaN.
+            logits = (logits.float() - top) / p.temperature
+            if 0 < p.top_k < logits.numel():
+                kth = logits.topk(p.top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, -torch.inf)
+            if p.top_p < 1.0:
+                sorted_logits, order = logits.sort(descending=True)
+                probs = sorted_logits.softmax(-1)
+                # Drop a token when the tokens ranked above it already reach top_p (keeps >= 1).
+                drop = (probs.cumsum(-1) - probs) >= p.top_p
+                logits = logits.scatter(0, order[drop], -torch.inf)
+            # Broken logits: draw from valid weights anyway (multinomial rejects NaN, on CUDA
+            # with a device assert); the flag read back with the token reports them.
+            probs = torch.where(ok, logits.softmax(-1), 1.0)
+            token = torch.multinomial(probs, 1, generator=self.generator)[0]
+        token, ok = torch.stack((token, ok.long())).tolist()
+        if not ok:
+            raise NonFiniteLogitsError("the model produced NaN or infinite logits, so generation "
+                                       "stopped; its weights or inputs are broken (check the "
+                                       "checkpoint, e.g. re-download or re-quantize it)")
+        return token
