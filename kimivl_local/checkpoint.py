@@ -235,10 +235,12 @@ def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:
         if not isinstance(file, str):
             raise CheckpointError(f"{INDEX_FILE}: weight_map[{name!r}] must be a file name, not "
                                   f"{file!r:.80}")
+        if file not in by_file:  # every name checked before any shard is opened
+            inside_checkpoint(path, file, f"{INDEX_FILE}: weight_map[{name!r}]")
         by_file.setdefault(file, []).append(name)
     tensors: dict[str, TensorInfo] = {}
     for file, names in sorted(by_file.items()):
-        shard = inside_checkpoint(path, file, f"{INDEX_FILE}: weight_map[{names[0]!r}]")
+        shard = path / file
         if not shard.is_file():
             raise CheckpointError(f"shard {file} listed in {INDEX_FILE} is missing from {path} "
                                   f"(it should hold {names[0]} and {len(names) - 1} more); "
