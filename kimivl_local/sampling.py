@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature must be a finite number >= 0 (got {self.temperature})")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
@@ -38,7 +39,9 @@ class Sampler:
         """logits [vocab] fp32 -> token id; NonFiniteLogitsError when they hold NaN or +inf
         (or are all -inf). The check rides on the token's own read-back: no extra sync."""
         p = self.params
-        if p.temperature == 0.0:
+        # A temperature below fp32's smallest normal is greedy in effect, and dividing by it
+        # in fp32 could give 0 / 0.
+        if p.temperature < torch.finfo(torch.float32).tiny:
             token = logits.argmax()
             ok = logits[token].isfinite()  # argmax picks a NaN or +inf when there is one
         else:
