@@ -49,10 +49,13 @@ def test_no_tensor_is_file_backed_after_load(tmp_path, tiny_checkpoint):
     assert tensors and not any(_file_backed(t, _mapped_ranges(folder)) for t in tensors)
 
 
-def test_generation_survives_truncated_and_deleted_shards(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("source", ["bf16", "int4"])
+def test_generation_survives_truncated_and_deleted_shards(tmp_path, tiny_checkpoint, quantized,
+                                                          source):
     folder = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, folder)
-    model = kimivl_local.load(folder, device="cpu")
+    shutil.copytree(tiny_checkpoint if source == "bf16" else quantized("int4"), folder)
+    model = kimivl_local.load(folder, device="cpu")  # bf16: the dtype the files hold
+    assert _mapped_ranges(folder) == []
     before = "".join(model.generate(MESSAGES, max_new_tokens=6))
     for shard in _shards(folder):
         with open(shard, "r+b") as f:
