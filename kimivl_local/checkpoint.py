@@ -13,7 +13,6 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -67,7 +66,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{file.name} has a corrupt safetensors header") from None
     except _DuplicateKey as exc:
-        raise CheckpointError(f"{file.name}: the header lists tensor {exc} twice") from None
+        raise CheckpointError(f"{file.name}: the header has the key {exc} twice") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file.name} has a corrupt safetensors header")
     header.pop("__metadata__", None)
@@ -143,7 +142,7 @@ class Checkpoint:
     def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
         self.path = path
         self.tensors = tensors
-        self._files: dict[Path, BinaryIO] = {}
+        self._fds: dict[Path, int] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> "Checkpoint":
@@ -195,31 +194,33 @@ class Checkpoint:
         if info.numel == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        f = self._file(info.file)
-        done = 0
-        while done < len(buf):
-            got = os.preadv(f.fileno(), [buf[done:]], info.offset + done)
-            if got <= 0:
-                raise CheckpointError(f"{info.file.name}: tensor {name} is cut off (read {done} "
-                                      f"of {info.nbytes} bytes); did the file change on disk "
-                                      "while loading?")
-            done += got
+        fd, done = self._fd(info.file), 0
+        try:
+            while done < len(buf):
+                got = os.preadv(fd, [buf[done:]], info.offset + done)
+                if got == 0:
+                    raise CheckpointError(f"{info.file.name}: tensor {name} is cut off (read "
+                                          f"{done} of {info.nbytes} bytes); did the file change "
+                                          "on disk while loading?")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {info.file}: {exc.strerror or exc}") from None
         return out
 
-    def _file(self, file: Path):
-        f = self._files.get(file)
-        if f is None:
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
             try:
-                f = open(file, "rb")  # noqa: SIM115 - kept open until close()
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
             except OSError as exc:
                 raise CheckpointError(f"cannot open {file}: {exc.strerror or exc}") from None
-            self._files[file] = f
-        return f
+        return fd
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        """Close the shards; tensors already loaded do not refer to them."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:

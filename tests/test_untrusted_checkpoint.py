@@ -104,7 +104,7 @@ HEADER_CASES = {
     "missing data_offsets": (lambda f: _write_header(_shard(f), json.dumps(
         {**_header(_shard(f)), NAME: {"dtype": "BF16", "shape": [128, 32]}})),
         ["data_offsets", "missing"]),
-    "duplicate name": (_duplicate, ["lists tensor", "twice"]),
+    "duplicate name": (_duplicate, ["the key", "twice"]),
 }
 
 INDEX_CASES = {

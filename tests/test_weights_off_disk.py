@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import kimivl_local
+from kimivl_local.checkpoint import Checkpoint
+from kimivl_local.errors import CheckpointError
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -64,6 +66,19 @@ def test_generation_survives_truncated_and_deleted_shards(tmp_path, tiny_checkpo
     for shard in _shards(folder):
         shard.unlink()
     assert "".join(model.generate(MESSAGES, max_new_tokens=6)) == before
+
+
+def test_shard_cut_while_loading_is_a_clear_error(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    ckpt = Checkpoint.open(folder)  # headers checked: the file was whole
+    name = max(ckpt.tensors.values(), key=lambda t: t.offset + t.nbytes).name
+    info = ckpt.tensors[name]
+    with open(info.file, "r+b") as f:
+        f.truncate(info.offset + info.nbytes // 2)
+    with pytest.raises(CheckpointError, match=f"{info.file.name}: tensor {name} is cut off"):
+        ckpt.load(name)
+    ckpt.close()
 
 
 def _free_port() -> int:
