@@ -43,7 +43,8 @@ class Sampler:
         # in fp32 could give 0 / 0.
         if p.temperature < torch.finfo(torch.float32).tiny:
             token = logits.argmax()
-            ok = logits[token].isfinite()  # argmax picks a NaN or +inf when there is one
+            # argmax picks a NaN or +inf when there is one; gather keeps this on the device
+            ok = logits.gather(0, token.view(1))[0].isfinite()
         else:
             top = logits.max()  # NaN when any logit is NaN
             ok = top.isfinite()

@@ -69,6 +69,17 @@ def test_non_finite_logits_stop_with_a_clear_error(params, bad):
         Sampler(params)(torch.tensor(bad))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", SAMPLERS)
+def test_non_finite_logits_on_cuda_leave_the_device_usable(params):
+    # multinomial on NaN probabilities is a device-side assert on CUDA, which would poison the
+    # context for every later request; the sampler must never hand it one.
+    with pytest.raises(NonFiniteLogitsError):
+        Sampler(params, "cuda")(torch.tensor([0.5, NAN, 1.0], device="cuda"))
+    assert Sampler(params, "cuda")(torch.tensor([0.0, 5.0, -INF], device="cuda")) in (0, 1)
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("params", SAMPLERS)
 def test_masked_logits_still_sample(params):
     # -inf on some tokens is a valid mask, not broken logits.
