@@ -190,7 +190,17 @@ class Checkpoint:
         plus one tensor.
         """
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` straight into `out` (CPU, contiguous, its shape and stored dtype),
+        e.g. one expert's slice of a stacked parameter, without a temporary."""
+        info = self.tensors[name]
+        if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != info.dtype
+                or tuple(out.shape) != info.shape):
+            raise ValueError(f"read_into({name}): needs a contiguous CPU {info.dtype} tensor of "
+                             f"shape {list(info.shape)}, got {out.dtype} {list(out.shape)} on "
+                             f"{out.device}")
         if info.numel == 0:
             return out
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())

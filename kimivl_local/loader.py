@@ -118,8 +118,12 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
             value = ckpt.load(names[0]).to(device=device, dtype=target)
         else:  # stacked experts: fill [E, ...] one expert at a time
             value = torch.empty(param.shape, dtype=target, device=device)
+            direct = device.type == "cpu" and all(ckpt.tensors[n].dtype == target for n in names)
             for e, n in enumerate(names):
-                value[e].copy_(ckpt.load(n))
+                if direct:
+                    ckpt.read_into(n, value[e])
+                else:
+                    value[e].copy_(ckpt.load(n))
         _set_parameter(module, name, value)
 
 

@@ -211,3 +211,24 @@ def test_repo_id_resolves_from_hf_cache(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     model = kimivl_local.load("moonshotai/Kimi-VL-A3B-Instruct", device="cpu")
     assert model.path == snap
+
+
+def test_every_parameter_holds_its_file_bytes(tiny_checkpoint):
+    # Stacked experts are read straight into their slices, the rest tensor by tensor.
+    from safetensors import safe_open
+
+    from kimivl_local.model.kimivl import checkpoint_names
+
+    model = kimivl_local.load(tiny_checkpoint, device="cpu").model
+    files, stacked = {}, 0
+    for name, param in model.named_parameters():
+        names = checkpoint_names(name, param.shape)
+        stacked += len(names) > 1
+        for i, on_disk in enumerate(names):
+            file = _shard_of(tiny_checkpoint, on_disk)
+            if file not in files:
+                files[file] = safe_open(str(file), framework="pt")
+            expected = files[file].get_tensor(on_disk)
+            got = param[i] if len(names) > 1 else param
+            assert torch.equal(got, expected.to(got.dtype)), name
+    assert stacked
