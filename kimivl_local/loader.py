@@ -4,6 +4,7 @@ weights, all in memory the process owns (nothing stays mapped from the files).""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -94,6 +95,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.devic
             module.load(ckpt, name, placement.device_of(name), dtype)
     finally:
         ckpt.close()
+    _return_freed_memory()
     if quantized:
         fast = sum(m.on_kernel for m in quantized.values())
         log.info("%d quantized layers: %d in the CPU kernels' layout, %d dequantized to %s at load",
@@ -125,6 +127,16 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
                 else:
                     value[e].copy_(ckpt.load(n))
         _set_parameter(module, name, value)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages of the load's temporaries (reads converted to another dtype) back
+    to the OS: glibc keeps freed blocks under 32 MB in its heap (measured: ~0.35 GB of a 3.7 GB
+    load), which would otherwise stay in the server's resident set."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
