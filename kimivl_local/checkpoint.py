@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
+import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,8 @@ class TensorInfo:
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one shard's header and check that the file holds every byte it promises."""
+    """Parse one shard's header and check every entry: a known dtype, a shape of non-negative
+    integers, byte ranges inside the data section that match dtype x shape and do not overlap."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -60,37 +60,80 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             if n > min(size - 8, _MAX_HEADER):
                 raise CheckpointError(f"{file.name} is not a safetensors file or is truncated "
                                       f"(header length {n}, file size {size})")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
     except OSError as exc:
         raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{file.name} has a corrupt safetensors header") from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{file.name}: the header has the key {exc} twice") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file.name} has a corrupt safetensors header")
     header.pop("__metadata__", None)
-    infos, data_end = {}, 0
+    data_size = size - 8 - n
+    infos, ranges = {}, []
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file.name}: corrupt or unsupported header entry for "
-                                  f"tensor {name}: {entry!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - start != numel * dtype.itemsize:
-            raise CheckpointError(f"{file.name}: tensor {name} has {end - start} bytes of data "
-                                  f"but shape {list(shape)} {entry['dtype']} needs "
-                                  f"{numel * dtype.itemsize}")
-        data_end = max(data_end, end)
+        dtype, shape, (start, end) = _parse_entry(file, name, entry)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - start != nbytes:
+            raise CheckpointError(f"{file.name}: tensor {name} has data_offsets [{start}, {end}] "
+                                  f"({end - start} bytes) but shape {list(shape)} "
+                                  f"{entry['dtype']} needs {nbytes}")
+        if end > data_size:
+            raise CheckpointError(f"{file.name} is truncated: it has {size} bytes but its header "
+                                  f"needs {8 + n + end} (tensor {name} is cut off); re-download it")
         infos[name] = TensorInfo(name, file, dtype, shape, 8 + n + start)
-    if 8 + n + data_end > size:
-        last = max(infos.values(), key=lambda i: header[i.name]["data_offsets"][1]).name
-        raise CheckpointError(f"{file.name} is truncated: it has {size} bytes but its header needs "
-                              f"{8 + n + data_end} (tensor {last} is cut off); re-download it")
+        if end > start:
+            ranges.append((start, end, name))
+    ranges.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(ranges, ranges[1:]):
+        if start_b < end_a:
+            raise CheckpointError(f"{file.name}: data_offsets of tensors {a} and {b} overlap")
     return infos
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(file: Path, name: str,
+                 entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, data_offsets) of one header entry; the field at fault named otherwise."""
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{file.name}: tensor {name}: {field} {why}")
+
+    if not isinstance(entry, dict):
+        raise bad("header entry", f"must be an object, not {entry!r:.80}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise bad(key, "is missing")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad("dtype", f"{entry['dtype']!r:.40} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad("shape", f"{shape!r:.80} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)):
+        raise bad("data_offsets", f"{offsets!r:.80} is not a pair of integers")
+    start, end = offsets
+    if start < 0 or end < start:
+        raise bad("data_offsets", f"{offsets} must satisfy 0 <= begin <= end (they count from "
+                  "the end of the header)")
+    return dtype, tuple(shape), (start, end)
 
 
 class Checkpoint:
@@ -99,7 +142,7 @@ class Checkpoint:
     def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
         self.path = path
         self.tensors = tensors
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
     @classmethod
     def open(cls, path: Path | str) -> "Checkpoint":
@@ -108,7 +151,7 @@ class Checkpoint:
         if index.is_file():
             return cls(path, _tensors_from_index(path, index))
         if (path / SINGLE_FILE).is_file():
-            return cls(path, read_header(path / SINGLE_FILE))
+            return cls(path, read_header(inside_checkpoint(path, SINGLE_FILE, SINGLE_FILE)))
         raise CheckpointError(f"no weights in {path}: expected {INDEX_FILE} (sharded) or "
                               f"{SINGLE_FILE}")
 
@@ -139,45 +182,55 @@ class Checkpoint:
                                   f"({len(problems)} problem(s)):\n  {shown}{more}")
 
     def load(self, name: str) -> torch.Tensor:
-        """One tensor (CPU, stored dtype) backed by its shard's mmap: no bytes are read or copied
-        until used. The mapping is private copy-on-write, so the file is never modified."""
+        """One tensor (CPU, stored dtype) read into memory this process owns.
+
+        Nothing stays mapped from the file, so a shard truncated or replaced on disk after the
+        load cannot take the process down (a mapped page past a new end of file is SIGBUS);
+        converting or repacking the result frees it, so the peak stays one copy of the weights
+        plus one tensor.
+        """
         info = self.tensors[name]
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` straight into `out` (CPU, contiguous, its shape and stored dtype),
+        e.g. one expert's slice of a stacked parameter, without a temporary."""
+        info = self.tensors[name]
+        if (out.device.type != "cpu" or not out.is_contiguous() or out.dtype != info.dtype
+                or tuple(out.shape) != info.shape):
+            raise ValueError(f"read_into({name}): needs a contiguous CPU {info.dtype} tensor of "
+                             f"shape {list(info.shape)}, got {out.dtype} {list(out.shape)} on "
+                             f"{out.device}")
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():  # frombuffer warns that the buffer is not resizable
-            warnings.simplefilter("ignore")
-            flat = torch.frombuffer(self._map(info.file), dtype=info.dtype, count=info.numel,
-                                    offset=info.offset)
-        return flat.view(info.shape)
+            return out
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd, done = self._fd(info.file), 0
+        try:
+            while done < len(buf):
+                got = os.preadv(fd, [buf[done:]], info.offset + done)
+                if got == 0:
+                    raise CheckpointError(f"{info.file.name}: tensor {name} is cut off (read "
+                                          f"{done} of {info.nbytes} bytes); did the file change "
+                                          "on disk while loading?")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {info.file}: {exc.strerror or exc}") from None
+        return out
 
-    def release(self, name: str) -> None:
-        """Drop the pages of a tensor that was copied elsewhere (e.g. repacked) from this process'
-        memory; they stay in the OS file cache. Only whole pages inside the tensor are dropped,
-        and reading the tensor again just maps them back."""
-        info = self.tensors[name]
-        mm = self._maps.get(info.file)
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-    def _map(self, file: Path) -> mmap.mmap:
-        mm = self._maps.get(file)
-        if mm is None:
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
             try:
-                with open(file, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
             except OSError as exc:
-                raise CheckpointError(f"cannot map {file}: {exc.strerror or exc}") from None
-            self._maps[file] = mm
-        return mm
+                raise CheckpointError(f"cannot open {file}: {exc.strerror or exc}") from None
+        return fd
 
     def close(self) -> None:
-        """Forget the mappings; tensors already loaded keep theirs alive."""
-        self._maps.clear()
+        """Close the shards; tensors already loaded do not refer to them."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:
@@ -190,6 +243,11 @@ def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:
                               "object)") from None
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{INDEX_FILE}: weight_map[{name!r}] must be a file name, not "
+                                  f"{file!r:.80}")
+        if file not in by_file:  # every name checked before any shard is opened
+            inside_checkpoint(path, file, f"{INDEX_FILE}: weight_map[{name!r}]")
         by_file.setdefault(file, []).append(name)
     tensors: dict[str, TensorInfo] = {}
     for file, names in sorted(by_file.items()):
@@ -209,3 +267,21 @@ def _tensors_from_index(path: Path, index: Path) -> dict[str, TensorInfo]:
                                       f"entry in {INDEX_FILE}")
         tensors.update(header)
     return tensors
+
+
+def inside_checkpoint(path: Path, file: str, where: str) -> Path:
+    """path / file, refusing names that leave the checkpoint folder (absolute, `..`, or a
+    symlink whose target lies outside). A Hugging Face cache snapshot's files are symlinks into
+    the repo's blobs/ folder, so there the repo folder (models--owner--name) is the boundary."""
+    rel = Path(file)
+    if not file or rel.is_absolute() or ".." in rel.parts or "\\" in file:
+        raise CheckpointError(f"{where} is {file!r:.200}: a shard must be a file inside the "
+                              f"checkpoint folder {path}")
+    root = path.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        root = root.parent.parent
+    target = (path / rel).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"{where}: {file} is a link to {target}, outside the checkpoint "
+                              f"folder {root}; copy the file into the folder instead")
+    return path / rel

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,72 @@ def read_json(path: Path, *, required: bool = True, error: type[Exception] = Con
     return data
 
 
+# Sizes, counts and ids far above any real model's, low enough that nothing sized from the config
+# is allocated before the checkpoint's own tensors are checked against it.
+_MAX_SIZE = 1 << 20
+_MAX_ID = (1 << 31) - 1
+# (lowest, highest) accepted for an integer field; any other int field is a size in 1.._MAX_SIZE.
+_INT_RANGES = {
+    "first_k_dense_replace": (0, _MAX_SIZE), "n_shared_experts": (0, _MAX_SIZE),
+    "max_position_embeddings": (1, 1 << 24), "media_placeholder_token_id": (0, _MAX_ID),
+    "bos_token_id": (0, _MAX_ID), "eos_token_id": (0, _MAX_ID), "pad_token_id": (0, _MAX_ID),
+    "max_length": (1, 1 << 24),
+}
+# Float fields that may be 0 (the others must be > 0); all must be finite.
+_MAY_BE_ZERO = {"temperature", "image_mean"}
+
+
 def _from_dict(cls, data: dict[str, Any], where: str):
-    """Build dataclass `cls` from the known keys of `data`; unknown keys are ignored."""
+    """Build dataclass `cls` from the known keys of `data`, each checked against the field's
+    declared type and range before anything uses it; unknown keys are ignored."""
     kwargs = {}
     for f in dataclasses.fields(cls):
         if not f.init or f.name not in data:
             continue
-        kwargs[f.name] = data[f.name]
+        kwargs[f.name] = _checked(data[f.name], f.type, f.name, where)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _checked(value: Any, annotation: str, name: str, where: str, label: str = "") -> Any:
+    """`value` if it fits `annotation` (a dataclass field's type, as written above), else a
+    ConfigError naming the file and field (`label`, default `name`)."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {label or name} must be {expected}, "
+                           f"not {json.dumps(value)[:80]}")
+
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return None
+    kind = options[0]
+    if kind == "int":
+        lo, hi = _INT_RANGES.get(name, (1, _MAX_SIZE))
+        if isinstance(value, list) and "list[int]" in options and value:
+            return [_checked(v, "int", name, where, f"{name}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise bad(f"an integer in {lo}..{hi}")
+    elif kind == "float":
+        lo = 0.0 if name in _MAY_BE_ZERO else math.ulp(0.0)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < lo):
+            raise bad("a finite number" + (" >= 0" if lo == 0 else " > 0"))
+    elif kind in ("bool", "str"):
+        if type(value).__name__ != kind:
+            raise bad("true or false" if kind == "bool" else "a string")
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("an object")
+    elif kind.startswith("tuple["):
+        items = [a.strip() for a in kind[6:-1].split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise bad(f"a list of {len(items)} {items[0]}s")
+        return tuple(_checked(v, t, name, where, f"{name}[{i}]")
+                     for i, (v, t) in enumerate(zip(value, items)))
+    else:
+        raise AssertionError(f"no check for {annotation}")  # a new field type: add its check
+    return value
 
 
 @dataclass(frozen=True)
@@ -178,7 +234,8 @@ class KimiVLConfig:
         return cls(
             text=_from_dict(TextConfig, data["text_config"], f"{where} text_config"),
             vision=_from_dict(VisionConfig, data["vision_config"], f"{where} vision_config"),
-            media_placeholder_token_id=int(data.get("media_placeholder_token_id", 163605)),
+            media_placeholder_token_id=_checked(data.get("media_placeholder_token_id", 163605),
+                                                "int", "media_placeholder_token_id", where),
             torch_dtype=torch_dtype,
             raw=data,
         )

@@ -27,3 +27,7 @@ class ContextLengthError(KimiVLError):
 
 class InputError(KimiVLError):
     """A message, image or option given by the user cannot be used."""
+
+
+class NonFiniteLogitsError(KimiVLError):
+    """The model produced NaN or infinite logits, so no token can be chosen."""

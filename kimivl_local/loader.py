@@ -1,8 +1,10 @@
-"""Validate a checkpoint folder strictly and fill a model built on the meta device from the
-mmapped shards: one copy of the weights. (Repo ids and the HF cache: hub.py.)"""
+"""Validate a checkpoint folder strictly and fill a model built on the meta device tensor by tensor
+from the shards: one copy of the weights, all in memory the process owns (nothing stays mapped from
+the files). Repo ids and the HF cache: hub.py."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +52,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.devic
             module.load(ckpt, name, placement.device_of(name), dtype)
     finally:
         ckpt.close()
+    _return_freed_memory()
     if quantized:
         fast = sum(m.on_kernel for m in quantized.values())
         log.info("%d quantized layers: %d in the CPU kernels' layout, %d dequantized to %s at load",
@@ -71,16 +74,26 @@ def fill_parameters(module: nn.Module, ckpt: Checkpoint, dtype: torch.dtype,
         target = torch.float32 if keep_fp32 else placement.dtype_of(prefix + name, dtype)
         names = checkpoint_names(prefix + name, param.shape)
         if len(names) == 1:
-            stored = ckpt.load(names[0])
-            value = stored.to(device=device, dtype=target)
-            if value.data_ptr() != stored.data_ptr():  # converted or moved: the file pages
-                ckpt.release(names[0])                 # are no longer needed in this process
+            value = ckpt.load(names[0]).to(device=device, dtype=target)
         else:  # stacked experts: fill [E, ...] one expert at a time
             value = torch.empty(param.shape, dtype=target, device=device)
+            direct = device.type == "cpu" and all(ckpt.tensors[n].dtype == target for n in names)
             for e, n in enumerate(names):
-                value[e].copy_(ckpt.load(n))
-                ckpt.release(n)
+                if direct:
+                    ckpt.read_into(n, value[e])
+                else:
+                    value[e].copy_(ckpt.load(n))
         _set_parameter(module, name, value)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages of the load's temporaries (reads converted to another dtype) back
+    to the OS: glibc keeps freed blocks under 32 MB in its heap (measured: ~0.35 GB of a 3.7 GB
+    load), which would otherwise stay in the server's resident set."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -62,15 +62,21 @@ def _expect_error(folder, *fragments):
 NAME = "language_model.model.layers.2.self_attn.kv_b_proj.weight"
 
 
-def _rewrite_shard(file, edit_header):
-    """Rewrite one shard's header (tensor data untouched) through `edit_header(dict)`."""
+def _rewrite_shard(file, edit_header, append=b""):
+    """Rewrite one shard's header through `edit_header(dict)`; tensor data untouched, `append`
+    added after it."""
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     edit_header(header)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:] + append)
+
+
+def _data_size(file):
+    raw = file.read_bytes()
+    return len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
 
 
 def test_missing_tensor(fresh_checkpoint):
@@ -88,10 +94,16 @@ def test_unexpected_tensor(fresh_checkpoint):
     folder = fresh_checkpoint()
     extra = "language_model.model.layers.0.self_attn.q_a_proj.weight"
     shard = _shard_of(folder, NAME)
+    end = _data_size(shard)
+    nbytes = 0
 
     def add(header):
-        header[extra] = dict(header[NAME])  # aliases existing bytes; only the name matters
+        nonlocal nbytes
+        start, stop = header[NAME]["data_offsets"]
+        nbytes = stop - start
+        header[extra] = dict(header[NAME], data_offsets=[end, end + nbytes])
     _rewrite_shard(shard, add)
+    _rewrite_shard(shard, lambda h: None, append=bytes(nbytes))
     index = _index(folder)
     index["weight_map"][extra] = shard.name
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -178,3 +190,24 @@ def test_model_path_errors(tmp_path):
         resolve_model_path(tmp_path / "nope")
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model_path(tmp_path)
+
+
+def test_every_parameter_holds_its_file_bytes(tiny_checkpoint):
+    # Stacked experts are read straight into their slices, the rest tensor by tensor.
+    from safetensors import safe_open
+
+    from kimivl_local.model.kimivl import checkpoint_names
+
+    model = kimivl_local.load(tiny_checkpoint, device="cpu").model
+    files, stacked = {}, 0
+    for name, param in model.named_parameters():
+        names = checkpoint_names(name, param.shape)
+        stacked += len(names) > 1
+        for i, on_disk in enumerate(names):
+            file = _shard_of(tiny_checkpoint, on_disk)
+            if file not in files:
+                files[file] = safe_open(str(file), framework="pt")
+            expected = files[file].get_tensor(on_disk)
+            got = param[i] if len(names) > 1 else param
+            assert torch.equal(got, expected.to(got.dtype)), name
+    assert stacked

@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from kimivl_local.errors import ContextLengthError, InputError
+import kimivl_local
+from kimivl_local.errors import ContextLengthError, InputError, NonFiniteLogitsError
 from kimivl_local.generate import Engine
 from kimivl_local.sampling import Sampler, SamplingParams
 from kimivl_local.thinking import ThinkingSplitter, split_thinking
+
+NAN, INF = float("nan"), float("inf")
 
 
 def _draws(params, logits, n=2000):
@@ -48,9 +51,56 @@ def test_seed_reproducible():
 
 
 def test_bad_sampling_params():
-    for kwargs in ({"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
+    for kwargs in ({"temperature": -0.1}, {"temperature": NAN}, {"temperature": INF},
+                   {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": NAN}, {"top_k": -1}):
         with pytest.raises(InputError):
             SamplingParams(**kwargs)
+
+
+SAMPLERS = [SamplingParams(), SamplingParams(temperature=1.0, seed=0),
+            SamplingParams(temperature=0.7, top_k=3, top_p=0.9, seed=0)]
+
+
+@pytest.mark.parametrize("params", SAMPLERS)
+@pytest.mark.parametrize("bad", [[0.5, NAN, 1.0, 0.2], [NAN] * 4, [0.5, INF, 1.0, 0.2],
+                                 [-INF] * 4, [NAN, INF, -INF, 0.0]])
+def test_non_finite_logits_stop_with_a_clear_error(params, bad):
+    with pytest.raises(NonFiniteLogitsError, match="NaN or infinite logits"):
+        Sampler(params)(torch.tensor(bad))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", SAMPLERS)
+def test_non_finite_logits_on_cuda_leave_the_device_usable(params):
+    # multinomial on NaN probabilities is a device-side assert on CUDA, which would poison the
+    # context for every later request; the sampler must never hand it one.
+    with pytest.raises(NonFiniteLogitsError):
+        Sampler(params, "cuda")(torch.tensor([0.5, NAN, 1.0], device="cuda"))
+    assert Sampler(params, "cuda")(torch.tensor([0.0, 5.0, -INF], device="cuda")) in (0, 1)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("params", SAMPLERS)
+def test_masked_logits_still_sample(params):
+    # -inf on some tokens is a valid mask, not broken logits.
+    assert Sampler(params)(torch.tensor([-INF, 2.0, -INF, 1.0])) in (1, 3)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    logits = torch.tensor([1.0, 3.0, 2.999, -5.0])
+    for top_p in (1.0, 1e-9):
+        assert Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=0))(logits) == 1
+
+
+def test_model_with_nan_weights_stops_without_streaming(tiny_checkpoint):
+    model = kimivl_local.load(tiny_checkpoint, device="cpu", dtype=torch.float32)
+    model.model.language_model.model.norm.weight.data[0] = NAN
+    pieces = []
+    with pytest.raises(NonFiniteLogitsError):
+        for piece in model.generate([{"role": "user", "content": "hello"}], max_new_tokens=4):
+            pieces.append(piece)
+    assert pieces == []  # nothing (e.g. the NUL characters of token 0) was streamed
 
 
 def test_stops_on_stop_token_and_counts(tiny_model_fp32):

@@ -86,8 +86,8 @@ def allocate(out_features: int, in_features: int, scheme: QuantScheme, scale_dty
 def fill_rows(dst: CpuQuantWeight, packed: PackedWeight, row0: int = 0,
               expert: int | None = None) -> None:
     """Write one on-disk [n, K] weight into rows row0..row0+n-1 of `dst` (of expert `expert` of a
-    stacked dst). The quantized values go through `_C.repack_rows` straight from the (mmapped)
-    source in one pass; without the extension, through the torch converter."""
+    stacked dst). The quantized values go through `_C.repack_rows` straight from the source
+    in one pass; without the extension, through the torch converter."""
     s = packed.scheme
     n, k = packed.out_features, packed.in_features
     if (s.bits, packed.weight_packed.dim()) != (dst.bits, 2) or k != dst.in_features:

@@ -5,7 +5,7 @@ blocks that the checkpoint's quantization_config quantizes; each says which pack
 expects (`expected_checkpoint`, for the loader's strict check) and reads them once (`load`).
 
 With the compiled extension the weights are repacked once to the kernels' layout (CPU:
-cpu_layout.py, straight from the mmapped file; CUDA: cuda_layout.py, one layer at a time on the
+cpu_layout.py, straight from the bytes read; CUDA: cuda_layout.py, one layer at a time on the
 host, bf16/fp16 models) and run through `ops.quant_matmul` / `ops.moe_block`. Otherwise they are
 dequantized to the compute dtype at load: the same values, without the memory saving. That
 covers an install without `_C` (the ops' torch references would dequantize the whole weight on
@@ -73,8 +73,7 @@ def packed_expected(prefix: str, out_features: int, in_features: int,
 
 def read_packed(ckpt: Checkpoint, prefix: str, scheme: QuantScheme,
                 shape: tuple[int, int]) -> PackedWeight:
-    """One quantized weight from the checkpoint (mmapped, not copied), checked against the
-    module's [out, in]."""
+    """One quantized weight read from the checkpoint, checked against the module's [out, in]."""
     tensors = {f"{prefix}.{n}": ckpt.load(f"{prefix}.{n}") for n in packed_shapes(*shape, scheme)}
     try:
         packed = PackedWeight.from_state_dict(tensors, scheme, prefix + ".")
@@ -84,12 +83,6 @@ def read_packed(ckpt: Checkpoint, prefix: str, scheme: QuantScheme,
         raise CheckpointError(f"{prefix}.weight_shape is {[packed.out_features, packed.in_features]}, "
                               f"expected {list(shape)}")
     return packed
-
-
-def release_packed(ckpt: Checkpoint, prefix: str, scheme: QuantScheme,
-                   shape: tuple[int, int]) -> None:
-    for suffix in packed_shapes(*shape, scheme):
-        ckpt.release(f"{prefix}.{suffix}")
 
 
 def quantized_bytes(out_features: int, in_features: int, scheme: QuantScheme) -> int:
@@ -138,7 +131,6 @@ class QuantLinear(nn.Module):
             self.qweight = to_kernel_layout(packed, device)
         else:
             self.weight = dequantize(packed, dtype).to(device)
-        release_packed(ckpt, prefix, self.scheme, (self.out_features, self.in_features))
 
     def resident_bytes(self, device: torch.device, dtype: torch.dtype) -> int:
         """Memory `load` will hold on `device` (the memory planner asks before loading)."""
@@ -228,16 +220,14 @@ class QuantExperts(nn.Module):
                 name = f"{prefix}.{e}.{proj}"
                 if scheme is None:
                     w[e] = ckpt.load(f"{name}.weight")
-                    ckpt.release(f"{name}.weight")
                 else:
                     w[e] = dequantize(read_packed(ckpt, name, scheme, shape), dtype)
-                    release_packed(ckpt, name, scheme, shape)
             dense.append(w)
         self.dense = tuple(dense)
 
     def _load_cpu_layout(self, ckpt: Checkpoint, prefix: str) -> None:
-        """Each expert's gate, up and down go from the mmapped file straight into place in the
-        stacked layout (gate rows then up rows of w13), and their file pages are dropped after."""
+        """Each expert's gate, up and down are read and repacked straight into place in the
+        stacked layout (gate rows then up rows of w13), one expert's projection at a time."""
         gate, down = self.schemes["gate_proj"], self.schemes["down_proj"]
         (i, h), e_count = self.shapes["gate_proj"], self.num_experts
         names = {proj: [f"{prefix}.{e}.{proj}" for e in range(e_count)] for proj in EXPERT_PROJS}
@@ -254,7 +244,6 @@ class QuantExperts(nn.Module):
                 name, shape = names[proj][e], self.shapes[proj]
                 cpu_layout.fill_rows(dst, read_packed(ckpt, name, self.schemes[proj], shape),
                                      row0, e)
-                release_packed(ckpt, name, self.schemes[proj], shape)
 
     @property
     def device(self) -> torch.device:
