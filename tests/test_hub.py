@@ -254,8 +254,10 @@ def test_repo_id_resolves_through_the_hf_cache(hf_cache, tiny_checkpoint):
     repo = hf_cache / "models--moonshotai--Kimi-VL-A3B-Instruct"
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    for f in tiny_checkpoint.iterdir():
-        (snap / f.name).symlink_to(f)
+    (repo / "blobs").mkdir()
+    for f in tiny_checkpoint.iterdir():  # snapshot files link into the repo's blobs/
+        shutil.copyfile(f, repo / "blobs" / f"blob-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/blob-{f.name}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     located = locate("moonshotai/Kimi-VL-A3B-Instruct")
