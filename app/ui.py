@@ -17,6 +17,10 @@ CSS = """
 #title p { margin: 0; opacity: 0.7; }
 .action-row button { min-width: 0; }
 #backend-info pre, #backend-info code { white-space: pre-wrap; word-break: break-word; }
+/* The chat's delete (clear) icon stays on top of scrolled messages, and an image's toolbar sits at
+   the image's top left, so it never lies under or beside that icon. */
+#chatbot .wrapper > .top-panel { z-index: 20; background: var(--block-background-fill); }
+#chatbot .message .image-container > .top-panel { right: auto; left: var(--size-1); }
 """
 
 
