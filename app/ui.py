@@ -16,6 +16,8 @@ CSS = """
 #title h1 { margin: 0.2em 0 0; font-size: 1.4em; }
 #title p { margin: 0; opacity: 0.7; }
 .action-row button { min-width: 0; }
+#stop:disabled { opacity: 0.45; }
+#stop:enabled { color: #dc2626; border-color: #dc2626; font-weight: 600; }
 #backend-info pre, #backend-info code { white-space: pre-wrap; word-break: break-word; }
 /* The chat's delete (clear) icon stays on top of scrolled messages, and an image's toolbar sits at
    the image's top left, so it never lies under or beside that icon. */

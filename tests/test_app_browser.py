@@ -221,10 +221,11 @@ def test_thinking_model_in_the_browser(browser, thinking_model, thinking_calls, 
         thought = rows.first.locator(".thought-group .title", has_text="Thinking")
         thought.wait_for()
         assert "It is red." in rows.first.inner_text()
-        assert "The picture is red" not in rows.first.inner_text()  # collapsed
+        wait_until(lambda: "The picture is red" not in rows.first.inner_text(), "it to collapse", 5)
         save_shot(page, "thinking_collapsed.png")
         thought.click()  # opens on demand
         rows.first.get_by_text("The picture is red all over.").wait_for()
+        page.wait_for_timeout(500)  # the panel slides open
         save_shot(page, "thinking_opened.png")
         thought.click()
 
