@@ -16,8 +16,6 @@ from kimivl_local.media import pdf_item, video_item
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 FILE_TYPES = ["image", ".pdf", *VIDEO_SUFFIXES]  # what the upload button offers
-FOLD_LINES = 12  # a user message longer than this is shown folded (a pasted document, a log)
-FOLD_CHARS = 1500
 
 
 @dataclass
@@ -128,6 +126,10 @@ def _attachment(path: str, content: str | list[dict]) -> str | dict:
     pages = f"pages {pdf['pages']}" if pdf.get("pages") else "all pages"
     text_layer = " + text layer" if pdf.get("text_layer") else ""
     return f"**{_escape(os.path.basename(path))}** · PDF, {pages}{text_layer}"
+
+
+FOLD_LINES = 12  # a user message longer than this is shown folded (a pasted document, a log)
+FOLD_CHARS = 1500
 
 
 def _folded(text: str) -> str:
