@@ -1,7 +1,9 @@
 """The chat window in a real browser: Debian's headless Chromium driven by Playwright.
 
-Upload an image, send a message, watch the answer stream, stop it mid-answer, send a second turn.
-The page's screenshot lands in test-artifacts/app_browser.png (and the test's tmp_path).
+Upload an image, send a message, watch the answer stream, stop it mid-answer, send a second turn;
+a Thinking model's reasoning (forced through the sampler, see thinking_support) shown collapsed,
+cut by max new tokens and by stop; the polish points (footer, stop button, PDF caption, folded
+prompt, image toolbar). Screenshots land in test-artifacts/ (git-ignored) for a person to check.
 """
 
 import os

@@ -78,7 +78,10 @@ def test_full_preset_streams_with_bounded_memory(tmp_path):
 
 def test_thinking_preset_follows_thinking_2506(tmp_path, tiny_checkpoint):
     path = write_checkpoint(tmp_path / "tiny-thinking", preset="tiny-thinking")
-    read = lambda p, f: json.loads((p / f).read_text())  # noqa: E731
+
+    def read(folder, name):
+        return json.loads((folder / name).read_text())
+
     assert read(path, "preprocessor_config.json")["in_token_limit"] == 16384
     assert read(tiny_checkpoint, "preprocessor_config.json")["in_token_limit"] == 4096
     assert read(path, "generation_config.json")["temperature"] == 0.8
