@@ -121,14 +121,16 @@ def render(turns: list[Turn]) -> list[dict]:
     """Chatbot messages (Gradio's messages format) for the turns."""
     out = []
     for turn in turns:
-        out += [{"role": "user", "content": {"path": path}} for path in turn.files]
+        out += [{"role": "user", "content": _attachment(path, turn.content)} for path in turn.files]
         if turn.text:
-            out.append({"role": "user", "content": turn.text})
+            out.append({"role": "user", "content": _folded(turn.text)})
         if turn.thinking:
             done = turn.answer or not turn.streaming
             out.append({"role": "assistant", "content": turn.thinking,
                         "metadata": {"title": "Thinking", "status": "done" if done else "pending"}})
         body = turn.answer
+        if turn.thinking and not body and not turn.streaming and not turn.error:
+            body = "*No answer: the reply ended while still thinking.*"
         if turn.error:
             body += ("\n\n" if body else "") + f"⚠ {_without_paths(turn.error, turn.files)}"
         if turn.status:
@@ -136,6 +138,36 @@ def render(turns: list[Turn]) -> list[dict]:
         if body or turn.streaming:
             out.append({"role": "assistant", "content": body or "…"})
     return out
+
+
+def _attachment(path: str, content: str | list[dict]) -> str | dict:
+    """An image or video is shown as itself; a PDF as its name and the pages the model reads."""
+    pdf = next((item for item in content if isinstance(item, dict) and item.get("pdf") == path),
+               None) if isinstance(content, list) else None
+    if pdf is None:
+        return {"path": path}
+    pages = f"pages {pdf['pages']}" if pdf.get("pages") else "all pages"
+    text_layer = " + text layer" if pdf.get("text_layer") else ""
+    return f"**{_escape(os.path.basename(path))}** · PDF, {pages}{text_layer}"
+
+
+FOLD_LINES = 12  # a user message longer than this is shown folded (a pasted document, a log)
+FOLD_CHARS = 1500
+
+
+def _folded(text: str) -> str:
+    """A long message collapsed to its first line; the whole text opens on click."""
+    lines = text.splitlines()
+    if len(lines) <= FOLD_LINES and len(text) <= FOLD_CHARS:
+        return text
+    first = _escape(lines[0][:80]) if lines else ""
+    size = f"{len(lines)} lines, {len(text):,} characters"
+    return f"<details><summary>{first}… ({size})</summary>\n\n{text}\n\n</details>"
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") \
+        .replace("*", "\\*").replace("_", "\\_")
 
 
 def stats_line(stats: GenerationStats, first_token_seconds: float | None, cancelled: bool) -> str:

@@ -71,6 +71,10 @@ class ChatHandlers:
         if job is not None:
             job.cancel()
 
+    def generating(self, request: Request) -> bool:
+        """Whether this session's answer is waiting or streaming."""
+        return self._busy(request)
+
     def _stop_and_wait(self, request: Request, timeout: float = 30.0) -> None:
         """Stop this session's answer and wait until its handler has sent its last update, so
         that update cannot overwrite what the caller returns."""

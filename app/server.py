@@ -49,7 +49,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     app.include_router(openai_router(queue, max_upload_mb * 2**20))
     demo = build_ui(ChatHandlers(queue), model)
     gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20, theme=THEME,
-                        css=CSS, ssr_mode=False, footer_links=["settings"], run_history=False,
+                        css=CSS, ssr_mode=False, footer_links=[], run_history=False,
                         enable_monitoring=False, mcp_server=False)
     closed_routes(app, upload_dir)
     return app

@@ -17,7 +17,13 @@ CSS = """
 #title h1 { margin: 0.2em 0 0; font-size: 1.4em; }
 #title p { margin: 0; opacity: 0.7; }
 .action-row button { min-width: 0; }
+#stop:disabled { opacity: 0.45; }
+#stop:enabled { color: #dc2626; border-color: #dc2626; font-weight: 600; }
 #backend-info pre, #backend-info code { white-space: pre-wrap; word-break: break-word; }
+/* The chat's delete (clear) icon stays on top of scrolled messages, and an image's toolbar sits at
+   the image's top left, so it never lies under or beside that icon. */
+#chatbot .wrapper > .top-panel { z-index: 20; background: var(--block-background-fill); }
+#chatbot .message .image-container > .top-panel { right: auto; left: var(--size-1); }
 """
 
 
@@ -39,7 +45,9 @@ def build_ui(handlers: ChatHandlers, model) -> gr.Blocks:
                                            # than 1000 characters into a .txt attachment)
                                            max_plain_text_length=10**7)
                 with gr.Row(elem_classes="action-row"):
-                    stop = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop")
+                    # active only while an answer is generating: it shows that one is
+                    stop = gr.Button("■ Stop", size="sm", variant="stop", elem_id="stop",
+                                     interactive=False)
                     regenerate = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
                     edit = gr.Button("✎ Edit last", size="sm", elem_id="edit")
                     clear = gr.Button("✕ Clear", size="sm", elem_id="clear")
@@ -64,13 +72,19 @@ def build_ui(handlers: ChatHandlers, model) -> gr.Blocks:
                 with gr.Accordion("Model and backend", open=False):
                     gr.Markdown(f"```\n{format_info(collect_info())}\n```", elem_id="backend-info")
 
+        def stop_button(request: gr.Request):
+            # still active when a second Enter found the first answer streaming
+            return gr.Button(interactive=handlers.generating(request))
+
         settings = [system, temperature, top_p, top_k, max_new_tokens, pdf_pages, pdf_text]
         # Our own queue orders the work (shared with the API) and shows each chat its place in
         # it, so Gradio's per-event concurrency limit is lifted.
-        box.submit(handlers.submit, [box, turns, *settings], [chatbot, turns, box],
-                   concurrency_limit=None, show_progress="hidden")
-        regenerate.click(handlers.regenerate, [turns, *settings], [chatbot, turns],
-                         concurrency_limit=None, show_progress="hidden")
+        for event, handler, inputs, outputs in [
+                (box.submit, handlers.submit, [box, turns, *settings], [chatbot, turns, box]),
+                (regenerate.click, handlers.regenerate, [turns, *settings], [chatbot, turns])]:
+            event(lambda: gr.Button(interactive=True), None, stop, queue=False) \
+                .then(handler, inputs, outputs, concurrency_limit=None, show_progress="hidden") \
+                .then(stop_button, None, stop, queue=False)
         stop.click(handlers.stop, None, None, queue=False)
         edit.click(handlers.edit_last, [turns], [chatbot, turns, box], concurrency_limit=None)
         for clearing in (clear.click, chatbot.clear):  # the button and the chatbot's own bin icon

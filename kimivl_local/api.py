@@ -19,7 +19,7 @@ from .multimodal import ImageEncoder, build_prompt, image_of
 from .ops._bridge import set_backend
 from .processor import ImageProcessor
 from .sampling import SamplingParams
-from .thinking import THINK_CLOSE, split_thinking
+from .thinking import THINK_CLOSE, THINK_OPEN, split_thinking
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_CONTEXT = 8192
@@ -93,7 +93,7 @@ class KimiVL:
 
         Thinking models' `◁think▷...◁/think▷` text is part of the stream (see
         `kimivl_local.thinking` to separate it); it is removed from earlier assistant turns
-        before templating, as the official demo does.
+        before templating, as the official demo does (a block cut short is removed whole).
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
@@ -116,7 +116,7 @@ def _drop_old_thinking(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("role") == "assistant" and isinstance(m.get("content"), str) \
-                and THINK_CLOSE in m["content"]:
+                and (THINK_CLOSE in m["content"] or m["content"].lstrip().startswith(THINK_OPEN)):
             m = {**m, "content": split_thinking(m["content"])[1]}
         out.append(m)
     return out

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthetic", help="write a synthetic checkpoint in the official layout")
     p.add_argument("dst", type=Path)
-    p.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "full", "tiny-thinking", "full-thinking"],
+                   default="tiny", help="*-thinking: the Kimi-VL-A3B-Thinking-2506 layout")
     p.add_argument("--layers", type=int, help="num_hidden_layers (full preset default 27)")
     p.add_argument("--experts", type=int, help="n_routed_experts (full preset default 64)")
     p.add_argument("--vision-layers", type=int, help="MoonViT blocks (full preset default 27)")
@@ -326,7 +327,7 @@ def cmd_synthetic(args) -> int:
         text["num_hidden_layers"] = args.layers
     if args.experts is not None:
         text["n_routed_experts"] = args.experts
-        text["num_experts_per_tok"] = min(6 if args.preset == "full" else 3, args.experts)
+        text["num_experts_per_tok"] = min(6 if args.preset.startswith("full") else 3, args.experts)
     if args.vision_layers is not None:
         vision["num_hidden_layers"] = args.vision_layers
     t0 = time.perf_counter()

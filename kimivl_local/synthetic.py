@@ -2,7 +2,8 @@
 
 Same file names, JSON fields, tensor names and dtypes as moonshotai/Kimi-VL-A3B-Instruct (and,
 for the `full` preset, the real shapes), so the loading code that reads the real checkpoint is
-the code under test. The tensor table below is written from the architecture reference (§2),
+the code under test. The `*-thinking` presets follow Kimi-VL-A3B-Thinking-2506 instead (see
+THINKING_2506). The tensor table below is written from the architecture reference (§2),
 independently of the model code; a test checks the two agree.
 
 Shards are written by hand (safetensors header, then each tensor's bytes in row chunks), so
@@ -42,9 +43,14 @@ VISION_FULL = dict(
     num_attention_heads=16, num_hidden_layers=27, hidden_size=1152, intermediate_size=4304,
     merge_kernel_size=[2, 2], torch_dtype="bfloat16",
 )
-PRESETS = {
-    "full": dict(n_base=N_BASE_REAL, text={}, vision={}, shard_bytes=5_000_000_000),
-    "tiny": dict(
+# Where Kimi-VL-A3B-Thinking-2506 differs from Instruct, as far as the architecture reference
+# (§1.5, §4.1, §7) documents it: the same architecture, tensors, tokenizer and chat template (no
+# difference is documented for the template, so the Instruct one is kept), a preprocessor that
+# takes up to 16384 raw patches before down-scaling, and the publisher's recommended sampling
+# temperature 0.8 (the card's; whether the real generation_config.json carries it is not
+# documented, and writing it here keeps the preset self-describing for default_settings).
+THINKING_2506 = dict(in_token_limit=16384, temperature=0.8)
+_TINY = dict(
         n_base=1024,
         text=dict(hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
@@ -54,7 +60,13 @@ PRESETS = {
         vision=dict(hidden_size=48, num_attention_heads=4, intermediate_size=96,
                     num_hidden_layers=2, init_pos_emb_height=8, init_pos_emb_width=8),
         shard_bytes=200_000,  # several shards even when tiny, so the index is exercised
-    ),
+)
+_FULL = dict(n_base=N_BASE_REAL, text={}, vision={}, shard_bytes=5_000_000_000)
+PRESETS = {
+    "full": _FULL,
+    "tiny": _TINY,
+    "full-thinking": {**_FULL, "thinking": True},
+    "tiny-thinking": {**_TINY, "thinking": True},
 }
 
 
@@ -238,17 +250,19 @@ def write_checkpoint(path, preset: str = "tiny", seed: int = 0, text_overrides: 
     _dump(tmp / "model.safetensors.index.json",
           {"metadata": {"total_size": total}, "weight_map": weight_map})
     _dump(tmp / "config.json", config)
+    thinking = PRESETS[preset].get("thinking", False)
+    sampling = {"temperature": THINKING_2506["temperature"]} if thinking else {}
     _dump(tmp / "generation_config.json", {
         "bos_token_id": n_base, "eos_token_id": [n_base + 1, n_base + 2],
         "pad_token_id": n_base + 255, "max_length": config["text_config"]["max_position_embeddings"],
-        "transformers_version": "4.50.3"})
+        **sampling, "transformers_version": "4.50.3"})
     _dump(tmp / "preprocessor_config.json", {
         "auto_map": {"AutoImageProcessor": "image_processing_kimi_vl.KimiVLImageProcessor",
                      "AutoProcessor": "processing_kimi_vl.KimiVLProcessor"},
         "image_processor_type": "KimiVLImageProcessor", "processor_class": "KimiVLProcessor",
         "patch_size": config["vision_config"]["patch_size"],
         "merge_kernel_size": config["vision_config"]["merge_kernel_size"],
-        "in_token_limit": 4096, "pad_input": True, "num_pooled_tokens": 1024,
+        "in_token_limit": THINKING_2506["in_token_limit"] if thinking else 4096, "pad_input": True, "num_pooled_tokens": 1024,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
     write_tokenizer_files(tmp, n_base)
     if path.exists():

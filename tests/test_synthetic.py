@@ -74,3 +74,21 @@ def test_full_preset_streams_with_bounded_memory(tmp_path):
     text = "".join(model.generate([{"role": "user", "content": "hi"}], max_new_tokens=3))
     assert model.last_stats.generated_tokens + (model.last_stats.finish_reason == "stop") >= 1
     assert isinstance(text, str)
+
+
+def test_thinking_preset_follows_thinking_2506(tmp_path, tiny_checkpoint):
+    path = write_checkpoint(tmp_path / "tiny-thinking", preset="tiny-thinking")
+
+    def read(folder, name):
+        return json.loads((folder / name).read_text())
+
+    assert read(path, "preprocessor_config.json")["in_token_limit"] == 16384
+    assert read(tiny_checkpoint, "preprocessor_config.json")["in_token_limit"] == 4096
+    assert read(path, "generation_config.json")["temperature"] == 0.8
+    assert "temperature" not in read(tiny_checkpoint, "generation_config.json")
+    # same architecture, tensors, tokenizer and chat template as Instruct
+    for name in ("config.json", "tokenizer_config.json", "model.safetensors.index.json"):
+        assert read(path, name) == read(tiny_checkpoint, name)
+    model = kimivl_local.load(path, device="cpu")
+    assert model.processor.in_token_limit == 16384
+    assert model.generation_config.temperature == 0.8
