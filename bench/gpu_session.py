@@ -160,7 +160,10 @@ class Session:
                    and self.results[n].status != "pass"]
         start = time.monotonic()
         if self.args.dry_run and step.needs_gpu:
-            cmd = self.check_command(step)
+            try:
+                cmd = self.check_command(step)
+            except (ValueError, SystemExit) as exc:  # argparse exits on a bad command line
+                return Result(step.name, "fail", reason=f"dry run: bad command: {exc}")
             return Result(step.name, "skip", 0.0, cmd, "dry run: command checked, not run")
         if missing:
             return Result(step.name, "blocked", 0.0, None, f"needs {', '.join(missing)}")
@@ -220,7 +223,7 @@ class Session:
         cmd, _ = self.command(step)
         for arg in cmd:
             if arg.startswith(("bench/", "tests/")) and not (REPO / arg).exists():
-                raise SystemExit(f"dry run: {step.name} names {arg}, which does not exist")
+                raise ValueError(f"{step.name} names {arg}, which does not exist")
         if "kimivl_local.cli" in cmd:
             argv = cmd[cmd.index("kimivl_local.cli") + 1:]
             if argv[0] == "quantize":
@@ -288,14 +291,14 @@ class Session:
 
     def step_build(self, step, timeout) -> Result:
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        prebuilt = PREBUILT / ("_C" + suffix)
+        prebuilt = Path(self.args.prebuilt) / ("_C" + suffix)
         mode = self.args.build
         if mode == "auto":
             mode = "prebuilt" if prebuilt.is_file() else "device"
         self.build_mode = mode
         if mode == "prebuilt" and not prebuilt.is_file():
-            return Result(step.name, "fail", reason=f"no {prebuilt.relative_to(REPO)}: run "
-                          "bench/gpu_prep.sh here and carry .prebuilt")
+            return Result(step.name, "fail", reason=f"no {prebuilt}: run bench/gpu_prep.sh "
+                          "here and carry .prebuilt")
         for old in (REPO / "kimivl_local").glob("_C.*"):
             old.unlink()  # an extension from another build must not shadow this one
         pip = [self.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
@@ -309,7 +312,7 @@ class Session:
         figures = {"mode": mode}
         if rc == 0 and mode == "prebuilt":
             shutil.copy2(prebuilt, REPO / "kimivl_local" / prebuilt.name)
-            stamp = PREBUILT / "COMMIT"
+            stamp = prebuilt.parent / "COMMIT"
             figures["prebuilt_commit"] = stamp.read_text().strip() if stamp.exists() else None
         return Result(step.name, _status(rc), command=pip, figures=figures,
                       reason=_reason(rc, text))
@@ -520,11 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench/out/gpu-session"))
     parser.add_argument("--work", default="/tmp/kimivl-gpu-session",
                         help="scratch folder: checkpoints, raw JSON, junit files")
-    parser.add_argument("--budget", type=float, default=480,
-                        help="seconds for all steps (default 480: a 600 s call with room)")
+    parser.add_argument("--budget", type=float, default=540,
+                        help="seconds for all steps (default 540: one 600 s call with room)")
     parser.add_argument("--layers", type=int, default=4,
                         help="decoder layers of the full-width synthetic checkpoint (27: all)")
     parser.add_argument("--build", choices=("auto", "prebuilt", "device"), default="auto")
+    parser.add_argument("--prebuilt", default=str(PREBUILT),
+                        help="folder of the carried extension (default .prebuilt)")
     parser.add_argument("--only", help="comma-separated step names to run (default: all)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the steps that need no GPU, check the others' commands")
