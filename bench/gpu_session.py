@@ -264,7 +264,7 @@ class Session:
                  "        return md.version({'PIL': 'pillow'}.get(m, m))\n"
                  "    except md.PackageNotFoundError:\n"
                  "        return 'present'\n"
-                 f"mods = {{m: version(m) for m in {list(REQUIRED + OPTIONAL)!r}}}\n"
+                 f"mods = {{m: version(m) for m in {list(REQUIRED + BUILD_REQUIRED + OPTIONAL)!r}}}\n"
                  "import torch\n"
                  "cuda = torch.cuda.is_available()\n"
                  "d = {'torch': torch.__version__, 'torch_cuda': torch.version.cuda,\n"
@@ -280,7 +280,8 @@ class Session:
         if line is None:
             return Result(step.name, "fail", reason=_reason(rc, text), figures=figures)
         figures.update(json.loads(line[4:]))
-        missing = [m for m in REQUIRED if figures["modules"].get(m) is None]
+        needed = REQUIRED if self.args.dry_run else REQUIRED + BUILD_REQUIRED
+        missing = [m for m in needed if figures["modules"].get(m) is None]
         if missing:
             return Result(step.name, "fail", figures=figures,
                           reason=f"missing {', '.join(missing)}: carry wheels (bench/gpu_prep.sh)")
@@ -452,8 +453,8 @@ class Session:
 
 # Imports the GPU tests and the steps need (the device image has them; see KINDS.md), and
 # optional ones whose absence only skips tests.
-REQUIRED = ("torch", "numpy", "safetensors", "tiktoken", "regex", "PIL", "pytest", "setuptools",
-            "pybind11")
+REQUIRED = ("torch", "numpy", "safetensors", "tiktoken", "regex", "PIL", "tqdm", "pytest")
+BUILD_REQUIRED = ("setuptools", "pybind11")  # to install the package there (not in a dry run)
 OPTIONAL = ("hypothesis", "transformers", "pexpect", "pypdfium2", "av", "gradio")
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from app_support import REPO, import_app, running_server
 
+pytest.importorskip("gradio")
 server = import_app("server")
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
