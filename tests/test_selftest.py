@@ -20,7 +20,9 @@ def restore_backend():
     set_backend("auto")
 
 
-@pytest.mark.parametrize("isa", ISAS)
+# The fastest ISA runs by default; the others (portable: ~8 s) under the slow marker.
+@pytest.mark.parametrize("isa", [pytest.param(i, marks=[] if i == ISAS[-1] else pytest.mark.slow)
+                                 for i in ISAS])
 def test_every_cpu_kernel_passes_on_each_isa(monkeypatch, isa):
     force_isa(monkeypatch, isa, "quant_matmul")
     checks = selftest.run_selftest(torch.device("cpu"))
