@@ -212,7 +212,8 @@ def cases(device: torch.device) -> list[Case]:
             else torch.float16
         return [
             _quant_matmul_case(device, g, 1, 2048, 2048, int4, half),
-            _quant_matmul_case(device, g, 1, 37, 1408, int8, half),  # odd N, split-K
+            _quant_matmul_case(device, g, 1, 37, 1408, int8, half),  # odd N, split-K 2
+            _quant_matmul_case(device, g, 1, 37, 4096, int8, half),  # split-K 8 (< 2 blocks/SM)
             _quant_matmul_case(device, g, 77, 1408, 2048, QuantScheme(4, 32, False), half),
             _moe_case(device, g, 1, 2048, 1408, 64, 6, half),
             _moe_case(device, g, 40, 2048, 1408, 64, 6, half),
