@@ -291,32 +291,52 @@ class Session:
         return Result(step.name, "pass", figures=figures)
 
     def step_build(self, step, timeout) -> Result:
-        suffix = sysconfig.get_config_var("EXT_SUFFIX")
-        prebuilt = Path(self.args.prebuilt) / ("_C" + suffix)
+        """Install the package with the carried extension (prebuilt) or compile it here
+        (device); in auto mode a prebuilt that does not import falls back to compiling."""
+        prebuilt = Path(self.args.prebuilt) / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
         mode = self.args.build
         if mode == "auto":
             mode = "prebuilt" if prebuilt.is_file() else "device"
-        self.build_mode = mode
         if mode == "prebuilt" and not prebuilt.is_file():
             return Result(step.name, "fail", reason=f"no {prebuilt}: run bench/gpu_prep.sh "
                           "here and carry .prebuilt")
+        figures = {"mode": mode}
+        if mode == "prebuilt":
+            result = self.install(step, timeout, prebuilt, figures)
+            if result.status == "pass" or self.args.build == "prebuilt":
+                return result
+            figures["prebuilt_error"] = result.reason  # auto: compile here instead
+            mode = figures["mode"] = "device"
+        self.build_mode = mode
+        return self.install(step, self.remaining() - 5, None, figures)
+
+    def install(self, step, timeout, prebuilt: Path | None, figures: dict) -> Result:
         for old in (REPO / "kimivl_local").glob("_C.*"):
             old.unlink()  # an extension from another build must not shadow this one
         pip = [self.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                "--no-index", "-e", "."]
-        if mode == "prebuilt":
+        if prebuilt is not None:
             env = {"KIMIVL_SKIP_EXT": "1"}
         else:
             env = {"KIMIVL_CUDA": "on", "KIMIVL_CUDA_ARCHS": self.arch(),
                    "KIMIVL_BUILD_JOBS": str(os.cpu_count() or 1)}
         rc, text = self.sh(step, pip, timeout, env)
-        figures = {"mode": mode}
-        if rc == 0 and mode == "prebuilt":
+        if rc != 0:
+            return Result(step.name, _status(rc), command=pip, figures=figures,
+                          reason=_reason(rc, text))
+        if prebuilt is not None:
+            self.build_mode = "prebuilt"
             shutil.copy2(prebuilt, REPO / "kimivl_local" / prebuilt.name)
             stamp = prebuilt.parent / "COMMIT"
             figures["prebuilt_commit"] = stamp.read_text().strip() if stamp.exists() else None
-        return Result(step.name, _status(rc), command=pip, figures=figures,
-                      reason=_reason(rc, text))
+            check = [self.python, "-c", "import kimivl_local._C as c; "
+                     "assert c.build_info()['cuda'], 'built without CUDA'"]
+            rc, text = self.sh(step, check, 60, cwd=self.work)
+            if rc != 0:
+                return Result(step.name, "fail", command=check, figures=figures,
+                              reason="the prebuilt extension does not load here: "
+                                     + _reason(rc, text))
+        return Result(step.name, "pass", command=pip, figures=figures)
 
     def arch(self) -> str:
         cap = getattr(self, "capability", None) or "9.0"

@@ -92,3 +92,38 @@ def test_full_dry_run_collects_the_gpu_tests(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     collect = next(s for s in summary["steps"] if s["name"] == "collect")
     assert collect["status"] == "pass" and collect["figures"]["collected"] > 20
+
+
+def test_a_prebuilt_that_does_not_load_falls_back_to_compiling(tmp_path, monkeypatch):
+    """--build auto: the carried extension installs but fails to import (say, an older
+    libstdc++ there), so the step compiles for the GPU present instead and says why."""
+    repo = tmp_path / "repo"
+    (repo / "kimivl_local").mkdir(parents=True)
+    (repo / "kimivl_local" / "_C.stale.so").write_text("")
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    suffix = gpu_session.sysconfig.get_config_var("EXT_SUFFIX")
+    (prebuilt / f"_C{suffix}").write_text("not an ELF file")
+    monkeypatch.setattr(gpu_session, "REPO", repo)
+    calls = []
+
+    def sh(step, cmd, timeout, env=None, cwd=None):
+        calls.append((cmd, env or {}))
+        if cmd[1] == "-c":  # the import check of the prebuilt
+            return 1, "ImportError: /lib/libstdc++.so.6: version `GLIBCXX_3.4.30' not found"
+        return 0, "Successfully installed kimivl-local"
+
+    args = type("A", (), {"out": str(tmp_path), "work": str(tmp_path), "budget": 100,
+                          "build": "auto", "prebuilt": str(prebuilt), "dry_run": False})()
+    session = gpu_session.Session(args)
+    session.capability = "8.9"
+    monkeypatch.setattr(session, "sh", sh)
+    step = next(s for s in gpu_session.STEPS if s.name == "build")
+    result = session.step_build(step, 100)
+    assert result.status == "pass" and result.figures["mode"] == "device"
+    assert "GLIBCXX_3.4.30" in result.figures["prebuilt_error"]
+    assert [env.get("KIMIVL_SKIP_EXT") for _, env in calls] == ["1", None, None]
+    assert calls[-1][1]["KIMIVL_CUDA"] == "on" and calls[-1][1]["KIMIVL_CUDA_ARCHS"] == "89"
+    assert session.build_mode == "device"
+    assert not (repo / "kimivl_local" / f"_C{suffix}").exists()  # the failed copy is gone
+    assert not (repo / "kimivl_local" / "_C.stale.so").exists()
