@@ -59,7 +59,7 @@ class Result:
     figures: dict = field(default_factory=dict)
 
 
-STEPS = [
+STEPS = [  # in order of what they prove: correctness first, then the targets, then the extras
     Step("env", "GPU, driver, torch, nvcc, Python, packages", 60, needs_gpu=False, estimate=5),
     Step("build", "install the package with a CUDA extension for the GPU present", 420,
          estimate=20),
@@ -75,16 +75,16 @@ STEPS = [
          needs=("build_info",), estimate=20),
     Step("model_tests", "model-level GPU tests (tests/test_gpu_model.py)", 300,
          needs=("build_info",), estimate=60),
-    Step("attention_bench", "bench/attention_cases.py --device cuda", 120,
-         needs=("build_info",), estimate=30),
-    Step("kernels_bench", "bench/kernels.py --device cuda", 240, needs=("build_info",),
-         estimate=60),
     Step("synthetic", "full-width synthetic checkpoint (--layers N)", 300, needs=("build",),
          estimate=60),
     Step("quantize", "kimivl-local quantize --recipe default", 300, needs=("synthetic",),
          estimate=60),
     Step("bench_graphs", "kimivl-local bench, CUDA graphs on", 240,
          needs=("quantize", "build_info"), estimate=40),
+    Step("kernels_bench", "bench/kernels.py --device cuda --quick (decode shapes)", 180,
+         needs=("build_info",), estimate=30),
+    Step("attention_bench", "bench/attention_cases.py --device cuda", 120,
+         needs=("build_info",), estimate=30),
     Step("bench_eager", "kimivl-local bench, KIMIVL_CUDA_GRAPHS=0", 240,
          needs=("quantize", "build_info"), estimate=40),
     Step("bench_cpu_experts", "kimivl-local bench --cpu-experts 1", 240,
@@ -201,7 +201,7 @@ class Session:
             "model_tests": (pytest + ["tests/test_gpu_model.py"], {}),
             "attention_bench": ([py, "bench/attention_cases.py", "--device", "cuda", "--budget",
                                  "1", "--json", str(w / "attention.json")], {}),
-            "kernels_bench": ([py, "bench/kernels.py", "--device", "cuda", "--json",
+            "kernels_bench": ([py, "bench/kernels.py", "--device", "cuda", "--quick", "--json",
                                str(w / "kernels.json")], {}),
             "synthetic": (cli + ["synthetic", str(ckpt), "--preset", "full", "--layers",
                                  str(self.args.layers)], {}),
