@@ -101,3 +101,13 @@ def test_every_cuda_kernel_passes():
     assert not bad, selftest.format_table(bad)
     assert {c.op for c in checks} == {"quant_matmul", "moe_block", "varlen_attention",
                                       "mla_decode"}
+
+
+def test_a_kernel_error_in_a_command_points_to_selftest(monkeypatch, capsys):
+    def crash(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli, "cmd_generate", crash)  # _parser() looks it up when called
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli.main(["generate", "x", "-p", "hi"])
+    assert "kimivl-local selftest" in capsys.readouterr().err
