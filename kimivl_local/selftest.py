@@ -16,6 +16,7 @@ means the kernel itself was checked.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -110,7 +111,7 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
 
 
 def _packed(g, shape, scheme):
-    w = _rand(g, *shape) * (1 + torch.rand(*shape[:-1], 1, generator=g, dtype=torch.float64))
+    w = torch.randn(*shape, generator=g) * (1 + torch.rand(*shape[:-1], 1, generator=g))
     return quantize_rtn(w.to(torch.bfloat16), scheme)
 
 
@@ -130,32 +131,39 @@ def _quant_matmul_case(device, g, m, n, k, scheme, dtype) -> Case:
                 lambda: quant_matmul_reference(x.double().cpu(), ref_w))
 
 
-def _moe_case(device, g, t, hidden, inter, experts, topk, dtype) -> Case:
-    s13, s2 = QuantScheme(4, 128, True), QuantScheme(4, 128, True)  # the default recipe's experts
-    w13p = concat_out_features([_packed(g, (experts, inter, hidden), s13),
-                                _packed(g, (experts, inter, hidden), s13)])
-    w2p = _packed(g, (experts, hidden, inter), s2)
-    x64 = _rand(g, t, hidden) / 4
-    ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(t)])
-    weights = torch.rand(t, topk, generator=g)
+def _moe_weights(device, g, hidden, inter, experts) -> tuple:
+    """(w13, w2) in the kernel's layout on `device`, and in the CPU layout for the reference;
+    INT4 g128 symmetric, the default recipe's experts. Built once for the cases sharing them."""
+    scheme = QuantScheme(4, 128, True)
+    w13p = concat_out_features([_packed(g, (experts, inter, hidden), scheme),
+                                _packed(g, (experts, inter, hidden), scheme)])
+    w2p = _packed(g, (experts, hidden, inter), scheme)
     ref = (to_cpu_layout(w13p), to_cpu_layout(w2p))
     if device.type == "cuda":
-        w13, w2, name, bound = (to_cuda_layout(w13p, device), to_cuda_layout(w2p, device),
-                                "cuda_moe_block", HALF_BOUND)
-    else:
-        (w13, w2), name, bound = ref, "moe_block", INT8_ACT_BOUND
+        return (to_cuda_layout(w13p, device), to_cuda_layout(w2p, device)), ref
+    return ref, ref
+
+
+def _moe_case(device, g, t, weights, topk, dtype) -> Case:
+    (w13, w2), ref = weights
+    experts, hidden, inter = w13.num_experts, w13.in_features, w2.in_features
+    name, bound = (("cuda_moe_block", HALF_BOUND) if device.type == "cuda"
+                   else ("moe_block", INT8_ACT_BOUND))
+    x64 = _rand(g, t, hidden) / 4
+    ids = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(t)])
+    topk_weights = torch.rand(t, topk, generator=g)
     x = x64.to(dtype).to(device)
-    ids_d, weights_d = ids.to(device), weights.to(device)
+    ids_d, weights_d = ids.to(device), topk_weights.to(device)
     return Case("moe_block", name, f"T{t} H{hidden} I{inter} E{experts} k{topk} {_short(dtype)}",
-                bound, lambda: moe_block(x, weights_d, ids_d, *(w13, w2)),
-                lambda: moe_block_reference(x.double().cpu(), weights, ids, *ref))
+                bound, lambda: moe_block(x, weights_d, ids_d, w13, w2),
+                lambda: moe_block_reference(x.double().cpu(), topk_weights, ids, *ref))
 
 
 def _varlen_case(device, g, lengths, heads, dqk, dv, causal, dtype) -> Case:
     total = sum(lengths)
     q, k = (_rand(g, total, heads, dqk).to(dtype).to(device) for _ in range(2))
     v = _rand(g, total, heads, dv).to(dtype).to(device)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     cu_d = cu.to(device)
     scale = dqk ** -0.5
     name = "cuda_varlen_attention" if device.type == "cuda" else "varlen_attention"
@@ -210,13 +218,14 @@ def cases(device: torch.device) -> list[Case]:
     if device.type == "cuda":
         half = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) \
             else torch.float16
+        kimi_moe = _moe_weights(device, g, 2048, 1408, 64)  # 0.3 GB of int4 weights
         return [
             _quant_matmul_case(device, g, 1, 2048, 2048, int4, half),
             _quant_matmul_case(device, g, 1, 37, 1408, int8, half),  # odd N, split-K 2
             _quant_matmul_case(device, g, 1, 37, 4096, int8, half),  # split-K 8 (< 2 blocks/SM)
             _quant_matmul_case(device, g, 77, 1408, 2048, QuantScheme(4, 32, False), half),
-            _moe_case(device, g, 1, 2048, 1408, 64, 6, half),
-            _moe_case(device, g, 40, 2048, 1408, 64, 6, half),
+            _moe_case(device, g, 1, kimi_moe, 6, half),  # GEMV path
+            _moe_case(device, g, 40, kimi_moe, 6, half),  # routed tensor-core path
             _varlen_case(device, g, [1, 130, 77], 16, 72, 72, False, half),
             _varlen_case(device, g, [300, 5], 4, 60, 36, True, half),  # D not a multiple of 8
             _varlen_case(device, g, [257], 16, 192, 128, True, half),
@@ -226,7 +235,7 @@ def cases(device: torch.device) -> list[Case]:
     return [
         _quant_matmul_case(device, g, 1, 37, 1408, int8, torch.float32),
         _quant_matmul_case(device, g, 33, 256, 512, int4, torch.bfloat16),
-        _moe_case(device, g, 3, 256, 128, 8, 2, torch.float32),
+        _moe_case(device, g, 3, _moe_weights(device, g, 256, 128, 8), 2, torch.float32),
         _varlen_case(device, g, [1, 70, 33], 4, 72, 72, False, torch.float32),
         _varlen_case(device, g, [90], 2, 60, 36, True, torch.bfloat16),
         _mla_case(device, g, [1, 700], 16, 512, 64, torch.bfloat16),

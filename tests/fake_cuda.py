@@ -71,9 +71,10 @@ class CudaIndexing(TorchFunctionMode):
             return torch.ops.aten._to_copy.default(self.mode.from_tensor(host),
                                                    device=_indexed(device))
         if func is torch.Tensor.to and _cuda_target(args, kwargs):
-            if not isinstance(args[0], FakeTensor):
-                args = (self.mode.from_tensor(args[0]), *args[1:])
-            return func(*args, **kwargs)
+            t = args[0] if isinstance(args[0], FakeTensor) else self.mode.from_tensor(args[0])
+            if t.constant is not None:  # fake mode would constant-fold the move, for real
+                t = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+            return func(t, *args[1:], **kwargs)
         return func(*args, **kwargs)
 
 

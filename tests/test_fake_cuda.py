@@ -126,3 +126,37 @@ class _record(DeviceWork):
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow  # quantizes Kimi's real MoE weights (64 experts) on the CPU: ~1-2 minutes
+def test_the_cuda_selftest_cases_trace(monkeypatch):
+    """`kimivl-local selftest --device cuda` builds its cases (Kimi's real MoE shapes among them)
+    and every one reaches its op's CUDA custom op with the expected output."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from kimivl_local import selftest
+    from kimivl_local.quant import cuda_layout
+
+    def on_host(fn):  # random weights and their quantization: real values on the CPU
+        def run(*args, **kwargs):
+            with unset_fake_temporarily():
+                return fn(*args, **kwargs)
+        return run
+
+    with fake_cuda(monkeypatch):
+        for name in ("_rand", "_packed", "to_cpu_layout", "concat_out_features"):
+            monkeypatch.setattr(selftest, name, on_host(getattr(selftest, name)))
+        monkeypatch.setattr(selftest, "to_cuda_layout", cuda_layout.to_cuda_layout)
+        cases = selftest.cases(CUDA)
+        seen = []
+        with _record(seen):
+            outputs = [case.run() for case in cases]
+    ops = {c.op for c in cases}
+    assert ops == {"quant_matmul", "moe_block", "varlen_attention", "mla_decode"}
+    assert all(c.kernel.startswith("cuda_") for c in cases)
+    for case, y in zip(cases, outputs):
+        assert y.device == CUDA, case.shape
+        assert y.dtype == (torch.float32 if case.op == "mla_decode" else torch.bfloat16)
+    for op in ("cuda_quant_matmul", "cuda_moe_block", "varlen_attention", "mla_decode"):
+        assert sum(f"kimivl.{op}" in s for s in seen) == sum(c.kernel == f"cuda_{op}"
+                                                             or c.kernel == op for c in cases)
