@@ -68,7 +68,7 @@ STEPS = [  # in order of what they prove: correctness first, then the targets, t
     Step("collect", "pytest collects every gpu test with the packages present", 120,
          needs_gpu=False, estimate=15),
     Step("selftest", "kimivl-local selftest --device cuda", 180, needs=("build_info",),
-         estimate=20),
+         estimate=40),
     Step("gpu_tests", "pytest -m gpu (kernels, ops, runtime)", 420, needs=("build_info",),
          estimate=120),
     Step("cuda_host_tests", "CUDA entry points' host-side checks (tests/test_cuda_*.py)", 120,
