@@ -112,6 +112,7 @@ setup(
         "safetensors>=0.4",
         "tiktoken>=0.7",
         "regex",
+        "tqdm",  # the quantize tool's progress bar (quantize/writer.py)
         "pillow>=10",
         "pypdfium2>=4.30",  # PDF pages (kimivl_local/documents.py)
         "av>=14",  # video frames (kimivl_local/video.py)

@@ -201,7 +201,7 @@ class GenerationQueue:
                                           "images, a shorter conversation, or a smaller "
                                           "--max-context"))
             else:
-                log.exception("generation failed")
+                log.exception("generation failed (a kernel error? run `kimivl-local selftest`)")
                 job.emit(Failed("internal", f"internal error: {type(exc).__name__}: {exc}"))
             return
         finally:

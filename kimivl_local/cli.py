@@ -1,5 +1,5 @@
-"""`kimivl-local`: info | synthetic | generate | chat | serve | bench | quantize | download | list |
-rm.
+"""`kimivl-local`: info | selftest | synthetic | generate | chat | serve | bench | quantize |
+download | list | rm.
 
 Every subcommand parses its input and calls the library in-process. User mistakes end with one
 line on stderr (exit 2), never a traceback.
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RuntimeError as exc:
         if "out of memory" not in str(exc).lower():
+            from .selftest import SELFTEST_HINT  # a CUDA/kernel failure surfaces as RuntimeError
+
+            print(f"note: {SELFTEST_HINT}", file=sys.stderr)
             raise
         print(f"error: out of memory ({str(exc).splitlines()[0]}); try --max-context smaller, "
               "--device cpu, or a quantized checkpoint", file=sys.stderr)
@@ -56,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="optional checkpoint folder or HF repo id to describe")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("selftest", help="check every compiled kernel on this machine against "
+                       "its torch reference (include the output in bug reports)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, "
+                   "cuda or cuda:N")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser("synthetic", help="write a synthetic checkpoint in the official layout")
     p.add_argument("dst", type=Path)
@@ -340,6 +350,12 @@ def cmd_synthetic(args) -> int:
     print(f"wrote {args.preset} synthetic checkpoint to {path} ({size / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def cmd_selftest(args) -> int:
+    from .selftest import main_selftest
+
+    return main_selftest(args.device, args.json)
 
 
 def cmd_info(args) -> int:

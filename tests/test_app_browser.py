@@ -21,6 +21,7 @@ from media_files import write_pdf
 from kimivl_local.synthetic import write_checkpoint
 from thinking_support import LONG_REASONING, scripted_replies, thinking_reply
 
+pytest.importorskip("gradio")
 server = import_app("server")
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,6 +16,7 @@ from PIL import Image
 from app_support import import_app
 from media_files import write_pdf, write_video
 
+pytest.importorskip("gradio")
 chat = import_app("chat")
 handlers_mod = import_app("handlers")
 worker = import_app("worker")

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import pexpect
 import pytest
 
 from kimivl_local.cli import main
@@ -23,6 +22,7 @@ def test_chat_streams_in_a_terminal(tiny_checkpoint, tmp_path):
 
     image = tmp_path / "photo.png"
     Image.new("RGB", (150, 100), (10, 120, 200)).save(image)  # 24 image tokens
+    pexpect = pytest.importorskip("pexpect")
     cmd = EXE or sys.executable
     args = ["chat", str(tiny_checkpoint), "--max-new-tokens", "12"]
     child = pexpect.spawn(cmd, args if EXE else ["-m", "kimivl_local.cli", *args],

@@ -5,7 +5,6 @@ import math
 import re
 
 import pytest
-import pypdfium2 as pdfium
 from PIL import Image
 
 from kimivl_local.cli import main
@@ -15,6 +14,8 @@ from kimivl_local.errors import ContextLengthError, InputError
 from kimivl_local.media import expand_media
 from kimivl_local.processor import ImageProcessor
 from media_files import RECT_RGB, write_empty_pdf, write_pdf
+
+pdfium = pytest.importorskip("pypdfium2")  # every test here reads or writes PDFs
 
 LETTER, A4_LANDSCAPE = (612, 792), (842, 595)
 

@@ -4,7 +4,6 @@ images and a PDF through KimiVL.generate, the CLI and the chat commands."""
 import logging
 import re
 
-import av
 import pytest
 from PIL import Image
 
@@ -13,6 +12,8 @@ from kimivl_local.cli import main
 from kimivl_local.errors import ContextLengthError, InputError
 from kimivl_local.video import sample_times, timestamp, video_items
 from media_files import frame_index, write_pdf, write_video
+
+av = pytest.importorskip("av")  # every test here decodes or writes video
 
 
 @pytest.fixture(scope="module")

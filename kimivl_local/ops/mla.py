@@ -108,7 +108,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, seq
         max_seq_len = -1
     elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(cache) is not torch.Tensor:  # compiled or traced
         return _mla_decode_op(q_lat, q_pe, cache, seq_lens, float(scale), max_seq_len)
     # Eagerly, skip the custom op's dispatch: it costs more than a short-context CPU decode.
     return _mla_decode_impl(q_lat, q_pe, cache, seq_lens, float(scale), max_seq_len)
