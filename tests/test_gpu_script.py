@@ -2,6 +2,7 @@
 the GPU ones checked (their files exist, their kimivl-local command lines parse) and reported
 as skipped, so the first session with a GPU does not debug the script."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +12,18 @@ import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
-import gpu_session  # noqa: E402
+
+def _load_bench_module(name):
+    # By file path: putting bench/ on sys.path would shadow installed packages (bench/kernels.py
+    # hides the `kernels` package that transformers imports).
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_session = _load_bench_module("gpu_session")
 
 NAMES = [s.name for s in gpu_session.STEPS]
 
