@@ -27,6 +27,7 @@ THEME = gr.themes.Soft(
 def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> FastAPI:
     """The ASGI app for a loaded `KimiVL`. Its generation queue is `app.state.generation_queue`;
     it is closed when the app shuts down."""
+    model.engine.context_setting = None  # clients cannot pass --max-context: name the limit
     queue = GenerationQueue(model, max_waiting)
 
     @asynccontextmanager

@@ -1,0 +1,130 @@
+"""The install's decisions, with the machine faked: whether CUDA is compiled (and for which
+GPUs), and when a CMake build folder's cache must be dropped (build_support/)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from build_support.cmake_cache import drop_stale_cache, stale_reason  # noqa: E402
+from build_support.cuda_target import Probes, plan_cuda  # noqa: E402
+
+
+def probes(nvcc="/usr/local/cuda/bin/nvcc", caps=None, torch_cuda=None):
+    return Probes(nvcc=lambda: nvcc, gpu_caps=lambda: caps, torch_cuda=lambda: torch_cuda)
+
+
+def test_auto_builds_only_for_the_gpus_present():
+    plan = plan_cuda("auto", None, probes(caps=["86", "89"]))
+    assert plan.build and plan.archs == "86-real;89-real"
+    assert "sm 86, 89" in plan.note
+
+
+def test_auto_without_driver_or_cuda_torch_stays_cpu_and_says_why():
+    plan = plan_cuda("auto", None, probes(caps=None, torch_cuda=None))
+    assert not plan.build
+    assert "no NVIDIA driver" in plan.note and "KIMIVL_CUDA=on" in plan.note
+
+
+def test_auto_builds_the_default_list_for_a_cuda_torch_without_a_gpu():
+    plan = plan_cuda("auto", None, probes(caps=None, torch_cuda="12.8"))
+    assert plan.build and plan.archs is None  # CMakeLists' default architectures
+    assert "CUDA 12.8" in plan.note
+
+
+def test_auto_with_a_driver_that_names_no_gpu_builds_the_default_list():
+    plan = plan_cuda("auto", None, probes(caps=[]))
+    assert plan.build and plan.archs is None
+
+
+def test_auto_with_a_gpu_but_no_nvcc_says_what_is_missing():
+    plan = plan_cuda("auto", None, probes(nvcc=None, caps=["90"]))
+    assert not plan.build
+    assert "sm 90" in plan.note and "no CUDA compiler" in plan.note
+
+
+def test_on_forces_cuda_without_any_gpu():
+    plan = plan_cuda("on", None, probes(caps=None))
+    assert plan.build and plan.archs is None and plan.note == "KIMIVL_CUDA=on"
+
+
+def test_on_still_targets_the_gpus_present():
+    assert plan_cuda("on", None, probes(caps=["120"])).archs == "120-real"
+
+
+def test_archs_force_cuda_in_auto_and_win_over_the_gpus_present():
+    plan = plan_cuda("auto", "75;89", probes(caps=["90"]))
+    assert plan.build and plan.archs == "75;89"
+
+
+def test_forced_without_nvcc_is_not_built_and_says_so():
+    plan = plan_cuda("on", None, probes(nvcc=None))
+    assert not plan.build and "no CUDA compiler" in plan.note
+
+
+def test_off_never_probes():
+    def boom():
+        raise AssertionError("probed")
+
+    plan = plan_cuda("off", "89", Probes(nvcc=boom, gpu_caps=boom, torch_cuda=boom))
+    assert not plan.build and plan.note == "KIMIVL_CUDA=off"
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="auto, on or off"):
+        plan_cuda("yes", None, probes())
+
+
+def _cache(build: Path, cmake: Path, ninja: Path, generator="Ninja") -> None:
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "CMakeCache.txt").write_text(
+        "# This is the CMakeCache file.\n"
+        f"CMAKE_COMMAND:INTERNAL={cmake}\n"
+        f"CMAKE_GENERATOR:INTERNAL={generator}\n"
+        f"CMAKE_MAKE_PROGRAM:FILEPATH={ninja}\n"
+        "KIMIVL_CUDA:STRING=OFF\n")
+
+
+def _tools(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    bin_dir = tmp_path / name / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("cmake", "ninja"):
+        (bin_dir / tool).write_text("")
+    return bin_dir / "cmake", bin_dir / "ninja"
+
+
+def test_cache_of_a_deleted_build_environment_is_dropped(tmp_path):
+    old_cmake, old_ninja = _tools(tmp_path, "pip-build-env-old")
+    new_cmake, new_ninja = _tools(tmp_path, "pip-build-env-new")
+    build = tmp_path / "build"
+    _cache(build, old_cmake, old_ninja)
+    (build / "objects.o").write_text("kept")
+    old_ninja.unlink()
+    old_cmake.unlink()
+    reason = drop_stale_cache(build, cmake=str(new_cmake), generator="Ninja",
+                              make_program=str(new_ninja))
+    assert "no longer exists" in reason
+    assert not (build / "CMakeCache.txt").exists() and (build / "objects.o").exists()
+
+
+def test_cache_of_the_same_tools_is_kept(tmp_path):
+    cmake, ninja = _tools(tmp_path, "venv")
+    _cache(tmp_path / "build", cmake, ninja)
+    assert drop_stale_cache(tmp_path / "build", cmake=str(cmake), generator="Ninja",
+                            make_program=str(ninja)) is None
+    assert (tmp_path / "build" / "CMakeCache.txt").exists()
+
+
+def test_cache_of_other_existing_tools_or_generator_is_stale(tmp_path):
+    cmake, ninja = _tools(tmp_path, "a")
+    other_cmake, other_ninja = _tools(tmp_path, "b")
+    _cache(tmp_path / "build", cmake, ninja)
+    assert "this build uses" in stale_reason(tmp_path / "build", cmake=str(cmake),
+                                             generator="Ninja", make_program=str(other_ninja))
+    assert "generator" in stale_reason(tmp_path / "build", cmake=str(cmake),
+                                       generator="Unix Makefiles", make_program="/usr/bin/make")
+
+
+def test_no_cache_is_nothing_to_drop(tmp_path):
+    assert stale_reason(tmp_path, cmake="cmake", generator="Ninja", make_program=None) is None
