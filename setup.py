@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from build_support.cmake_cache import drop_stale_cache  # noqa: E402
 from build_support.cuda_target import REAL_PROBES, CudaPlan, plan_cuda  # noqa: E402
+from build_support.stable_pybind11 import stable_pybind11_cmake_dir  # noqa: E402
 
 
 class CMakeExtension(Extension):
@@ -85,8 +86,6 @@ class CMakeBuild(build_ext):
         ext_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / f"cmake-cuda-{'on' if plan.build else 'off'}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        import pybind11
-
         cmake = shutil.which("cmake")
         if cmake is None:
             raise SystemExit("kimivl-local: cmake not found (pip install cmake)")
@@ -103,7 +102,7 @@ class CMakeBuild(build_ext):
             f"-G{generator}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={stable_pybind11_cmake_dir(build_dir.parent)}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DKIMIVL_CUDA={'ON' if plan.build else 'OFF'}",
             f"-DKIMIVL_CUDA_MODE={mode}",
