@@ -1,6 +1,8 @@
 """The install's decisions, with the machine faked: whether CUDA is compiled (and for which
-GPUs), and when a CMake build folder's cache must be dropped (build_support/)."""
+GPUs), when a CMake build folder's cache must be dropped, and the stable pybind11 copy
+(build_support/)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from build_support.cmake_cache import drop_stale_cache, stale_reason  # noqa: E402
 from build_support.cuda_target import Probes, plan_cuda  # noqa: E402
+from build_support.stable_pybind11 import sync_tree  # noqa: E402
 
 
 def probes(nvcc="/usr/local/cuda/bin/nvcc", caps=None, torch_cuda=None):
@@ -128,3 +131,18 @@ def test_cache_of_other_existing_tools_or_generator_is_stale(tmp_path):
 
 def test_no_cache_is_nothing_to_drop(tmp_path):
     assert stale_reason(tmp_path, cmake="cmake", generator="Ninja", make_program=None) is None
+
+
+def test_pybind11_copy_rewrites_only_changed_files(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "include").mkdir(parents=True)
+    (src / "include" / "same.h").write_text("same")
+    (src / "include" / "changed.h").write_text("new")
+    sync_tree(src, dst)
+    (dst / "include" / "changed.h").write_text("old")
+    os.utime(dst / "include" / "same.h", (1, 1))
+    os.utime(dst / "include" / "changed.h", (1, 1))
+    sync_tree(src, dst)
+    assert (dst / "include" / "changed.h").read_text() == "new"
+    assert os.stat(dst / "include" / "changed.h").st_mtime > 1
+    assert os.stat(dst / "include" / "same.h").st_mtime == 1  # untouched: nothing recompiles

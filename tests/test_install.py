@@ -24,7 +24,7 @@ BUILD_INFO = ("import json, kimivl_local.ext as e, kimivl_local; "
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "KIMIVL"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "KIMIVL"))}
     return {**env, "KIMIVL_CUDA": "off", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
