@@ -34,7 +34,7 @@ def stale_reason(build_dir: Path, *, cmake: str, generator: str,
     old = cached_values(cache)
     if old.get("CMAKE_GENERATOR", generator) != generator:
         return f"it was made for the {old['CMAKE_GENERATOR']} generator"
-    for key, now in (("CMAKE_COMMAND", cmake), ("CMAKE_MAKE_PROGRAM", make_program)):
+    for key, now in (("CMAKE_MAKE_PROGRAM", make_program), ("CMAKE_COMMAND", cmake)):
         before = old.get(key)
         if before and not Path(before).exists():
             return f"its {key} {before} no longer exists"
