@@ -127,6 +127,7 @@ def _cmake_string(text: str) -> str:
     """`text` made safe as a CMake list-free string inside a C string literal."""
     return text.replace(";", ",").replace('"', "'").replace("\\", "/")
 
+
 setup(
     name="kimivl-local",
     version="0.1.0",

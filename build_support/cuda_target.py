@@ -37,7 +37,8 @@ class CudaPlan:
 class Probes:
     """What the machine has; each is a function so tests can fake it."""
     nvcc: Callable[[], str | None]
-    gpu_caps: Callable[[], list[str] | None]  # ["89", ...]; [] driver but GPUs unknown; None no driver
+    # ["89", ...]; [] a driver but the GPUs unknown; None no driver
+    gpu_caps: Callable[[], list[str] | None]
     torch_cuda: Callable[[], str | None]  # CUDA version of the target's torch, None if CPU/absent
 
 

@@ -14,7 +14,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def python_example() -> str:
     text = README.read_text(encoding="utf-8")
-    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "kimivl_local.load" in b)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    return next(b for b in blocks if "kimivl_local.load" in b)
 
 
 @pytest.mark.slow
