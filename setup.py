@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -84,7 +85,10 @@ class CMakeBuild(build_ext):
 
     def _cmake(self, ext: CMakeExtension, plan: CudaPlan, mode: str) -> None:
         ext_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / f"cmake-cuda-{'on' if plan.build else 'off'}"
+        # Under build/ of the source tree, not self.build_temp: editable installs get a new
+        # temporary build_temp each time, and would recompile everything.
+        temp = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        build_dir = ROOT / "build" / temp / f"cmake-cuda-{'on' if plan.build else 'off'}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cmake = shutil.which("cmake")
         if cmake is None:
@@ -94,8 +98,9 @@ class CMakeBuild(build_ext):
         ninja = shutil.which("ninja")
         generator = "Ninja" if ninja else "Unix Makefiles"
         make_program = ninja or shutil.which("make")
-        stale = drop_stale_cache(build_dir, cmake=cmake, generator=generator,
-                                 make_program=make_program)
+        stale = drop_stale_cache(build_dir, generator=generator, tools={
+            "CMAKE_MAKE_PROGRAM": make_program, "CMAKE_COMMAND": cmake,
+            "Python_EXECUTABLE": sys.executable})
         if stale:
             self._say(f"reconfiguring {build_dir.name}: {stale}")
         args = [

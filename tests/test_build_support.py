@@ -97,6 +97,10 @@ def _tools(tmp_path: Path, name: str) -> tuple[Path, Path]:
     return bin_dir / "cmake", bin_dir / "ninja"
 
 
+def _uses(cmake: Path, make: Path) -> dict[str, str]:
+    return {"CMAKE_MAKE_PROGRAM": str(make), "CMAKE_COMMAND": str(cmake)}
+
+
 def test_cache_of_a_deleted_build_environment_is_dropped(tmp_path):
     old_cmake, old_ninja = _tools(tmp_path, "pip-build-env-old")
     new_cmake, new_ninja = _tools(tmp_path, "pip-build-env-new")
@@ -105,8 +109,7 @@ def test_cache_of_a_deleted_build_environment_is_dropped(tmp_path):
     (build / "objects.o").write_text("kept")
     old_ninja.unlink()
     old_cmake.unlink()
-    reason = drop_stale_cache(build, cmake=str(new_cmake), generator="Ninja",
-                              make_program=str(new_ninja))
+    reason = drop_stale_cache(build, generator="Ninja", tools=_uses(new_cmake, new_ninja))
     assert "no longer exists" in reason
     assert not (build / "CMakeCache.txt").exists() and (build / "objects.o").exists()
 
@@ -114,8 +117,8 @@ def test_cache_of_a_deleted_build_environment_is_dropped(tmp_path):
 def test_cache_of_the_same_tools_is_kept(tmp_path):
     cmake, ninja = _tools(tmp_path, "venv")
     _cache(tmp_path / "build", cmake, ninja)
-    assert drop_stale_cache(tmp_path / "build", cmake=str(cmake), generator="Ninja",
-                            make_program=str(ninja)) is None
+    kept = drop_stale_cache(tmp_path / "build", generator="Ninja", tools=_uses(cmake, ninja))
+    assert kept is None
     assert (tmp_path / "build" / "CMakeCache.txt").exists()
 
 
@@ -123,14 +126,17 @@ def test_cache_of_other_existing_tools_or_generator_is_stale(tmp_path):
     cmake, ninja = _tools(tmp_path, "a")
     other_cmake, other_ninja = _tools(tmp_path, "b")
     _cache(tmp_path / "build", cmake, ninja)
-    assert "this build uses" in stale_reason(tmp_path / "build", cmake=str(cmake),
-                                             generator="Ninja", make_program=str(other_ninja))
-    assert "generator" in stale_reason(tmp_path / "build", cmake=str(cmake),
-                                       generator="Unix Makefiles", make_program="/usr/bin/make")
+    assert "this build uses" in stale_reason(tmp_path / "build", generator="Ninja",
+                                             tools=_uses(cmake, other_ninja))
+    assert "generator" in stale_reason(tmp_path / "build", generator="Unix Makefiles",
+                                       tools=_uses(cmake, Path("/usr/bin/make")))
+    python = {"Python_EXECUTABLE": str(other_cmake)}  # another interpreter, same version
+    (tmp_path / "build" / "CMakeCache.txt").write_text(f"Python_EXECUTABLE:FILEPATH={cmake}\n")
+    assert "Python_EXECUTABLE" in stale_reason(tmp_path / "build", generator="Ninja", tools=python)
 
 
 def test_no_cache_is_nothing_to_drop(tmp_path):
-    assert stale_reason(tmp_path, cmake="cmake", generator="Ninja", make_program=None) is None
+    assert stale_reason(tmp_path, generator="Ninja", tools={}) is None
 
 
 def test_pybind11_copy_rewrites_only_changed_files(tmp_path):

@@ -73,6 +73,7 @@ def test_reinstalling_from_one_clone_gives_the_same_build(tmp_path):
     caches[0].write_text(text.replace(ninja, "CMAKE_MAKE_PROGRAM:FILEPATH=/nonexistent/bin/ninja"))
     log = _pip(venv, clone, "install", "-v", "--no-deps", "-e", ".")
     assert "/nonexistent/bin/ninja no longer exists" in log
+    assert "Building CXX object" not in log  # the editable build reuses the objects too
     where, editable = _build_info(venv, elsewhere)
     assert editable == first
     assert Path(where).parent == clone / "kimivl_local"
