@@ -45,8 +45,8 @@ def describe_model(spec: str) -> dict:
     return {
         "path": str(path),
         "tensors": len(ckpt.tensors),
-        "parameters": sum(_weights_of(t, qconfig) for t in ckpt.tensors.values()),
-        "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "parameters": sum(_weights_of(tensor, qconfig) for tensor in ckpt.tensors.values()),
+        "bytes": sum(tensor.nbytes for tensor in ckpt.tensors.values()),
         "quantization": "compressed-tensors pack-quantized" if qconfig else None,
         "parts": weight_formats(ckpt.tensors.values(), qconfig),
         "text": f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.n_routed_experts} "
