@@ -74,8 +74,8 @@ class CMakeBuild(build_ext):
                 raise
             # A broken CUDA toolchain (host compiler too new for nvcc, ...) must not block a
             # working CPU install: retry without CUDA, say so here and in `kimivl-local info`.
-            note = (f"{plan.note}, but the CUDA build failed (see the install log, `pip install "
-                    "-v`); built CPU-only. KIMIVL_CUDA=on makes this an error")
+            note = (f"{plan.note}, but the CUDA build failed, so this build is CPU-only (`pip "
+                    "install -v` shows why). KIMIVL_CUDA=on makes that an error")
             self._say(f"WARNING {note}")
             self._cmake(ext, CudaPlan(False, None, note), mode)
 

@@ -8,8 +8,8 @@ environment whose PYTHONPATH hides the target's site-packages, and `-E` drops th
 while keeping the interpreter, so the probe sees what `import torch` will see after the install.
 KIMIVL_CUDA=on, or KIMIVL_CUDA_ARCHS, forces a CUDA build; KIMIVL_CUDA=off never builds one.
 
-Every decision carries a one-line note that is compiled into the extension, so `kimivl-local
-info` says why CUDA is or is not there.
+Every decision carries a one-line note (no semicolons: it becomes a CMake string) that is
+compiled into the extension, so `kimivl-local info` says why CUDA is or is not there.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def plan_cuda(mode: str, archs_env: str | None, probes: Probes) -> CudaPlan:
     if mode == "off":
         return CudaPlan(False, None, "KIMIVL_CUDA=off")
     nvcc = probes.nvcc()
-    forced = "KIMIVL_CUDA=on" if mode == "on" else ("KIMIVL_CUDA_ARCHS" if archs_env else None)
+    forced = ("KIMIVL_CUDA=on" if mode == "on"
+              else f"KIMIVL_CUDA_ARCHS={archs_env} asks for CUDA" if archs_env else None)
     if forced:
         if not nvcc:
-            return CudaPlan(False, None, f"{forced} asked for CUDA but no CUDA compiler (nvcc) "
-                                         "was found; set CUDACXX or put nvcc on PATH")
+            return CudaPlan(False, None, f"{forced} but no CUDA compiler (nvcc) was found. Set "
+                                         "CUDACXX or put nvcc on PATH")
         caps = probes.gpu_caps() if not archs_env else None
         archs = archs_env or _real(caps)
         return CudaPlan(True, archs, f"{forced}" + (f", for the GPUs here (sm {_list(caps)})"
@@ -61,12 +62,12 @@ def plan_cuda(mode: str, archs_env: str | None, probes: Probes) -> CudaPlan:
     torch_cuda = probes.torch_cuda()
     if caps is None and not torch_cuda:
         return CudaPlan(False, None, "KIMIVL_CUDA=auto found no NVIDIA driver and no CUDA build "
-                                     "of torch; KIMIVL_CUDA=on forces a CUDA build")
+                                     "of torch. KIMIVL_CUDA=on forces a CUDA build")
     why = (f"NVIDIA GPUs sm {_list(caps)}" if caps else "an NVIDIA driver" if caps is not None
            else f"torch built for CUDA {torch_cuda}")
     if not nvcc:
-        return CudaPlan(False, None, f"KIMIVL_CUDA=auto found {why} but no CUDA compiler (nvcc); "
-                                     "install the CUDA toolkit (or set CUDACXX) and reinstall")
+        return CudaPlan(False, None, f"KIMIVL_CUDA=auto found {why} but no CUDA compiler (nvcc). "
+                                     "Install the CUDA toolkit (or set CUDACXX) and reinstall")
     return CudaPlan(True, _real(caps), f"KIMIVL_CUDA=auto found {why}")
 
 

@@ -59,6 +59,7 @@ def test_on_still_targets_the_gpus_present():
 def test_archs_force_cuda_in_auto_and_win_over_the_gpus_present():
     plan = plan_cuda("auto", "75;89", probes(caps=["90"]))
     assert plan.build and plan.archs == "75;89"
+    assert plan.note == "KIMIVL_CUDA_ARCHS=75;89 asks for CUDA"
 
 
 def test_forced_without_nvcc_is_not_built_and_says_so():
