@@ -33,3 +33,10 @@ def test_readme_python_example_runs(tiny_checkpoint, tmp_path, capsys):
     assert isinstance(namespace["answer"], str)
     assert tuple(namespace["logits"].shape) == (len(namespace["ids"]), 1280)
     assert capsys.readouterr().out.rstrip().endswith(namespace["model"].memory_plan.summary())
+
+
+def test_readme_links_point_to_files_in_the_repository():
+    links = re.findall(r"\]\(([^)#:]+)\)", README.read_text(encoding="utf-8"))
+    assert "docs/architecture.md" in links
+    missing = [link for link in links if not (README.parent / link).exists()]
+    assert not missing
