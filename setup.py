@@ -98,8 +98,10 @@ class CMakeBuild(build_ext):
         ninja = shutil.which("ninja")
         generator = "Ninja" if ninja else "Unix Makefiles"
         make_program = ninja or shutil.which("make")
+        # CMake records the cmake binary behind any wrapper (a pyenv shim): only its absence
+        # makes the cache stale.
         stale = drop_stale_cache(build_dir, generator=generator, tools={
-            "CMAKE_MAKE_PROGRAM": make_program, "CMAKE_COMMAND": cmake,
+            "CMAKE_MAKE_PROGRAM": make_program, "CMAKE_COMMAND": None,
             "Python_EXECUTABLE": sys.executable})
         if stale:
             self._say(f"reconfiguring {build_dir.name}: {stale}")

@@ -26,7 +26,8 @@ def cached_values(cache: Path) -> dict[str, str]:
 
 def stale_reason(build_dir: Path, *, generator: str, tools: dict[str, str | None]) -> str | None:
     """Why the cache in `build_dir` cannot be reused with this generator and these tools (cache
-    key -> the path this configure uses); None when it can, or when there is none."""
+    key -> the path this configure uses, or None to check only that the cached one exists);
+    None when it can, or when there is none."""
     cache = build_dir / "CMakeCache.txt"
     if not cache.is_file():
         return None

@@ -136,6 +136,15 @@ def test_cache_of_other_existing_tools_or_generator_is_stale(tmp_path):
     assert "Python_EXECUTABLE" in stale_reason(tmp_path / "build", generator="Ninja", tools=python)
 
 
+def test_a_tool_given_as_none_is_only_checked_to_exist(tmp_path):
+    cmake, ninja = _tools(tmp_path, "a")
+    _cache(tmp_path / "build", cmake, ninja)
+    tools = {"CMAKE_COMMAND": None, "CMAKE_MAKE_PROGRAM": str(ninja)}
+    assert stale_reason(tmp_path / "build", generator="Ninja", tools=tools) is None
+    cmake.unlink()
+    assert "no longer exists" in stale_reason(tmp_path / "build", generator="Ninja", tools=tools)
+
+
 def test_no_cache_is_nothing_to_drop(tmp_path):
     assert stale_reason(tmp_path, generator="Ninja", tools={}) is None
 
