@@ -2,9 +2,11 @@
 
 Environment knobs (all optional):
   KIMIVL_SKIP_EXT=1        install the pure-Python package (ops fall back to torch references)
-  KIMIVL_CUDA=auto|on|off  compile the CUDA sources when nvcc is found (auto), always, or never
-  KIMIVL_CUDA_ARCHS=...    CMake CUDA_ARCHITECTURES list, e.g. "89" or "75;86;89"
-                           (default covers Turing to Blackwell consumer GPUs, see CMakeLists.txt)
+  KIMIVL_CUDA=auto|on|off  compile the CUDA sources when this machine can use them (auto: an
+                           NVIDIA driver, or a CUDA build of torch, and nvcc; see
+                           build_support/cuda_target.py), always, or never
+  KIMIVL_CUDA_ARCHS=...    CMake CUDA_ARCHITECTURES list, e.g. "89" or "75;86;89"; forces CUDA
+                           (default: the GPUs present, else the list in CMakeLists.txt)
   KIMIVL_BUILD_JOBS=N      parallel compile jobs (default: all cores)
 """
 
@@ -12,12 +14,17 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from build_support.cmake_cache import drop_stale_cache  # noqa: E402
+from build_support.cuda_target import REAL_PROBES, CudaPlan, plan_cuda  # noqa: E402
+from build_support.stable_pybind11 import stable_pybind11_cmake_dir  # noqa: E402
 
 
 class CMakeExtension(Extension):
@@ -52,42 +59,80 @@ class CMakeBuild(build_ext):
         return None
 
     def build_extension(self, ext: CMakeExtension) -> None:
-        cuda = os.environ.get("KIMIVL_CUDA", "auto").lower()
-        if cuda not in ("auto", "on", "off"):
-            raise SystemExit(f"KIMIVL_CUDA must be auto, on or off (got {cuda!r})")
+        mode = os.environ.get("KIMIVL_CUDA", "auto").lower()
         try:
-            self._cmake(ext, cuda)
+            plan = plan_cuda(mode, os.environ.get("KIMIVL_CUDA_ARCHS"), REAL_PROBES)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        self._say(f"CUDA {'on' if plan.build else 'off'}: {plan.note}")
+        if not plan.build and mode == "on":
+            raise SystemExit(f"kimivl-local: {plan.note}")
+        try:
+            self._cmake(ext, plan, mode)
         except subprocess.CalledProcessError:
-            if cuda != "auto":
+            if not plan.build or mode == "on":
                 raise
             # A broken CUDA toolchain (host compiler too new for nvcc, ...) must not block a
-            # working CPU install: retry without CUDA and say so.
-            print("kimivl-local: WARNING the build with CUDA failed; retrying CPU-only "
-                  "(set KIMIVL_CUDA=on to make this an error)")
-            self._cmake(ext, "off")
+            # working CPU install: retry without CUDA, say so here and in `kimivl-local info`.
+            note = (f"{plan.note}, but the CUDA build failed, so this build is CPU-only (`pip "
+                    "install -v` shows why). KIMIVL_CUDA=on makes that an error")
+            self._say(f"WARNING {note}")
+            self._cmake(ext, CudaPlan(False, None, note), mode)
 
-    def _cmake(self, ext: CMakeExtension, cuda: str) -> None:
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"kimivl-local: {text}", flush=True)
+
+    def _cmake(self, ext: CMakeExtension, plan: CudaPlan, mode: str) -> None:
         ext_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / f"cmake-cuda-{cuda}"
+        # Under build/ of the source tree, not self.build_temp: editable installs get a new
+        # temporary build_temp each time, and would recompile everything.
+        temp = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        build_dir = ROOT / "build" / temp / f"cmake-cuda-{'on' if plan.build else 'off'}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        import pybind11
-
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise SystemExit("kimivl-local: cmake not found (pip install cmake)")
+        # The tools are named explicitly on every configure: pip's build environment (and with it
+        # its cmake and ninja) is new each time, while this build folder is reused.
+        ninja = shutil.which("ninja")
+        generator = "Ninja" if ninja else "Unix Makefiles"
+        make_program = ninja or shutil.which("make")
+        # CMake records the cmake binary behind any wrapper (a pyenv shim): only its absence
+        # makes the cache stale.
+        stale = drop_stale_cache(build_dir, generator=generator, tools={
+            "CMAKE_MAKE_PROGRAM": make_program, "CMAKE_COMMAND": None,
+            "Python_EXECUTABLE": sys.executable})
+        if stale:
+            self._say(f"reconfiguring {build_dir.name}: {stale}")
         args = [
+            f"-G{generator}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={stable_pybind11_cmake_dir(build_dir.parent)}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DKIMIVL_CUDA={cuda.upper()}",
+            f"-DKIMIVL_CUDA={'ON' if plan.build else 'OFF'}",
+            f"-DKIMIVL_CUDA_MODE={mode}",
+            f"-DKIMIVL_CUDA_NOTE={_cmake_string(plan.note)}",
         ]
-        if os.environ.get("KIMIVL_CUDA_ARCHS"):
-            args.append(f"-DKIMIVL_CUDA_ARCHS={os.environ['KIMIVL_CUDA_ARCHS']}")
+        if make_program:
+            args.append(f"-DCMAKE_MAKE_PROGRAM={make_program}")
+        if plan.build and REAL_PROBES.nvcc():
+            args.append(f"-DCMAKE_CUDA_COMPILER={REAL_PROBES.nvcc()}")
+        if plan.archs:
+            args.append(f"-DKIMIVL_CUDA_ARCHS={plan.archs}")
         else:  # back to CMakeLists' default, not whatever an earlier build left in the cache
             args.append("-UKIMIVL_CUDA_ARCHS")
-        if shutil.which("ninja"):
-            args.append("-GNinja")
         jobs = os.environ.get("KIMIVL_BUILD_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        # Each compile step is printed as it starts ([3/29] Building ...): `pip install -v` shows
+        # a long CUDA build's progress.
+        subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
+
+
+def _cmake_string(text: str) -> str:
+    """`text` made safe as a CMake list-free string inside a C string literal."""
+    return text.replace(";", ",").replace('"', "'").replace("\\", "/")
 
 
 setup(

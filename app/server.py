@@ -36,6 +36,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     it is closed when the app shuts down."""
     check_upload_mb(max_upload_mb)
     upload_dir = private_upload_dir()  # before any Gradio block exists: each reads it when built
+    model.engine.context_setting = None  # clients cannot pass --max-context: name the limit
     queue = GenerationQueue(model, max_waiting)
 
     @asynccontextmanager

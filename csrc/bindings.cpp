@@ -38,6 +38,8 @@ py::dict cpu_feature_dict() {
 py::dict build_info() {
   py::dict info;
   info["compiler"] = KIMIVL_CXX_COMPILER;
+  info["cuda_mode"] = KIMIVL_CUDA_MODE;  // KIMIVL_CUDA at build time, and why CUDA is (not) here
+  info["cuda_note"] = KIMIVL_CUDA_NOTE;
   info["cpu_features"] = cpu_feature_dict();
   py::list isas;
   for (auto isa : {kimivl::Isa::kAvx512Vnni, kimivl::Isa::kAvx2, kimivl::Isa::kPortable})

@@ -64,6 +64,9 @@ class Engine:
     model: KimiVLForConditionalGeneration
     max_context: int
     prefill_chunk: int = 2048  # tokens per prefill forward
+    # How the reader of a context-length error can raise the limit (a CLI flag), or None when
+    # they cannot: a server's clients get the server's limit instead.
+    context_setting: str | None = "--max-context"
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self):
@@ -78,10 +81,20 @@ class Engine:
 
     def check_fits(self, n_tokens: int) -> None:
         if n_tokens >= self.max_context:
-            raise ContextLengthError(
-                f"the prompt is {n_tokens} tokens but the context holds {self.max_context} "
-                f"(including at least one token to generate); shorten it or raise --max-context "
-                f"(up to {self.model.config.text.max_position_embeddings})")
+            raise ContextLengthError(self.overflow_message(n_tokens))
+
+    def overflow_message(self, n_tokens: int) -> str:
+        limit = self.model.config.text.max_position_embeddings
+        holds = (f"the context holds {self.max_context}" if self.context_setting
+                 else f"this server's context holds {self.max_context} tokens")
+        if self.max_context >= limit:
+            advice = f"shorten it ({self.max_context} is the model's maximum)"
+        elif self.context_setting:
+            advice = f"shorten it or raise {self.context_setting} (up to {limit})"
+        else:
+            advice = "shorten the prompt or the conversation"
+        return (f"the prompt is {n_tokens} tokens but {holds} (including at least one token to "
+                f"generate); {advice}")
 
     def reusable(self, prompt: Prompt) -> int:
         """How many leading prompt positions prefill will serve from the cache."""

@@ -35,18 +35,20 @@ def describe_model(spec: str) -> dict:
     from .checkpoint import Checkpoint
     from .config import KimiVLConfig
     from .loader import resolve_model_path
+    from .quant.qconfig import QuantizationConfig
 
     path = resolve_model_path(spec)
     cfg = KimiVLConfig.from_dir(path)
+    qconfig = QuantizationConfig.from_model_config(cfg.raw, str(path / "config.json"))
     ckpt = Checkpoint.open(path)
-    params = sum(_numel(t.shape) for t in ckpt.tensors.values())
-    size = sum(t.dtype.itemsize * _numel(t.shape) for t in ckpt.tensors.values())
     t = cfg.text
     return {
         "path": str(path),
         "tensors": len(ckpt.tensors),
-        "parameters": params,
-        "bytes": size,
+        "parameters": sum(_weights_of(tensor, qconfig) for tensor in ckpt.tensors.values()),
+        "bytes": sum(tensor.nbytes for tensor in ckpt.tensors.values()),
+        "quantization": "compressed-tensors pack-quantized" if qconfig else None,
+        "parts": weight_formats(ckpt.tensors.values(), qconfig),
         "text": f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.n_routed_experts} "
                 f"experts top-{t.num_experts_per_tok} + {t.n_shared_experts} shared, vocab "
                 f"{t.vocab_size}, context {t.max_position_embeddings}",
@@ -55,11 +57,73 @@ def describe_model(spec: str) -> dict:
     }
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+# The tensors compressed-tensors' pack-quantized format writes in place of a linear's `.weight`.
+_QUANT_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
+
+
+def _quantized_module(name: str) -> str | None:
+    return next((name.removesuffix(s) for s in _QUANT_SUFFIXES if name.endswith(s)), None)
+
+
+def _weights_of(tensor, qconfig) -> int:
+    """Model parameters a checkpoint tensor holds: a packed tensor's int32 words hold 32 / bits
+    weights each; scales, zero points and shapes are not parameters."""
+    module = _quantized_module(tensor.name)
+    if module is None:
+        return tensor.numel
+    if not tensor.name.endswith(".weight_packed"):
+        return 0
+    scheme = qconfig.scheme_for(module) if qconfig else None
+    return tensor.numel * (32 // scheme.bits) if scheme else tensor.numel
+
+
+def weight_formats(tensors, qconfig) -> list[dict]:
+    """Bytes per (part of the model, storage format), largest first: a quantized linear counts
+    under its scheme (INT4 g128, INT8 per-channel, ...) with its scales and zero points."""
+    sizes: dict[tuple[str, str], int] = {}
+    for t in tensors:
+        module = _quantized_module(t.name)
+        scheme = qconfig.scheme_for(module) if qconfig and module else None
+        key = (model_part(t.name), scheme_label(scheme) if scheme else _dtype_label(t.dtype))
+        sizes[key] = sizes.get(key, 0) + t.nbytes
+    return [{"part": part, "format": fmt, "bytes": n}
+            for (part, fmt), n in sorted(sizes.items(), key=lambda kv: -kv[1])]
+
+
+# First match wins: (substring of a tensor name, the part of the model it belongs to).
+_PARTS = (("vision_tower.", "vision tower"), ("multi_modal_projector.", "projector"),
+          (".mlp.experts.", "routed experts"), (".mlp.shared_experts.", "shared experts"),
+          (".mlp.gate.", "router"), ("embed_tokens", "embeddings"), ("lm_head", "lm_head"),
+          ("norm", "norms"), (".self_attn.", "attention"), (".mlp.", "dense MLP"))
+
+
+def model_part(tensor: str) -> str:
+    return next((part for key, part in _PARTS if key in tensor), "other")
+
+
+def scheme_label(scheme) -> str:
+    group = "per-channel" if scheme.group_size is None else f"g{scheme.group_size}"
+    return f"INT{scheme.bits} {group}{'' if scheme.symmetric else ' asym'}"
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32"}.get(
+        dtype, str(dtype).removeprefix("torch.").upper())
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units scaled to the size: 16.41 GB, 687.8 KB, 512 bytes."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def format_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
 
 
 def format_info(info: dict) -> str:
@@ -73,19 +137,25 @@ def format_info(info: dict) -> str:
         lines.append(f"extension: built with {ext['compiler']}")
         lines.append(f"  cpu features: {' '.join(feats) or 'none'}; kernel path: "
                      f"{ext.get('cpu_isa_selected') or ext.get('cpu_isa_error')}")
+        # Why CUDA is or is not compiled in (setup.py's decision, build_support/cuda_target.py).
+        why = f" ({ext['cuda_note']})" if ext.get("cuda_note") else ""
         if ext["cuda"]:
             lines.append(f"  cuda: compiled (CUDA {ext['cuda_compiler_version']}) for sm "
-                         f"{', '.join(ext['cuda_archs'])}")
+                         f"{', '.join(ext['cuda_archs'])}{why}")
             devs = info.get("extension_cuda_devices") or []
             lines.append("  cuda devices: " + (", ".join(f"{d['name']} (sm_{d['sm']})" for d in devs)
                                                or "none visible"))
         else:
-            lines.append("  cuda: not compiled")
+            lines.append(f"  cuda: not compiled{why}")
     lines.append("torch cuda devices: " + (", ".join(info["torch_cuda_devices"]) or "none"))
     if "model" in info:
         m = info["model"]
+        stored = m["quantization"] or m["dtype"]
         lines += [f"model: {m['path']}",
-                  f"  {m['tensors']} tensors, {m['parameters'] / 1e9:.2f} B parameters, "
-                  f"{m['bytes'] / 2**30:.2f} GiB ({m['dtype']})",
-                  f"  text: {m['text']}", f"  vision: {m['vision']}"]
+                  f"  {m['tensors']} tensors, {format_count(m['parameters'])} parameters, "
+                  f"{format_bytes(m['bytes'])} ({stored})"]
+        width = max(len(p["part"]) for p in m["parts"])
+        lines += [f"    {p['part']:<{width}}  {p['format']:<16} {format_bytes(p['bytes']):>10}"
+                  for p in m["parts"]]
+        lines += [f"  text: {m['text']}", f"  vision: {m['vision']}"]
     return "\n".join(lines)
