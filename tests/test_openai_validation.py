@@ -120,7 +120,7 @@ def test_unexpected_failure_is_a_logged_500_and_the_server_goes_on(base_url, tin
         r = post(base_url, {"messages": HI})
     err = error_of(r)
     assert r.status_code == 500 and err["type"] == "server_error"
-    assert any(rec.message == "generation failed" and rec.exc_info for rec in caplog.records)
+    assert any(rec.message.startswith("generation failed") and rec.exc_info for rec in caplog.records)
     assert post(base_url, {"messages": HI, "max_tokens": 2}).status_code == 200
 
 
