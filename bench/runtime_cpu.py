@@ -153,7 +153,9 @@ def main() -> int:
                 best_probe = min(best_probe, time.perf_counter() - t0)
     for r in runs:
         set_backend(r["backend"])
-        step = lambda r=r: r.__setitem__("token", int(r["model"].engine.decode_step(r["token"]).argmax()))  # noqa: E731
+
+        def step(r=r):
+            r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
         r["step_s"], r["kernel_s"], r["kernel_calls"] = outside_kernels(step)
     set_backend("auto")
     ceiling = probe.numel() * 4 / best_probe / 1e9
