@@ -2,6 +2,7 @@
 and against the machine's read bandwidth, timed round-robin in one process.
 
     python bench/runtime_cpu.py QUANT [BF16] [QUANT BF16 ...] [--steps 48] [--json FILE]
+                                [--image 512x512] [--image-rounds 2]
 
 Each argument is a checkpoint folder. Quantized ones decode with the compiled kernels, bf16 ones
 with --backend reference (torch only). All models are loaded into one process and every round
@@ -11,24 +12,105 @@ ms per token, bytes read per token, GB/s and % of the ceiling, and the speed-up 
 model over the bf16 model with the same layer count. A full bf16 model (33 GB) does not fit a
 24 GB machine: compare it on checkpoints with the real widths and expert counts and fewer layers
 (`kimivl-local synthetic DST --preset full --layers 4`, then `kimivl-local quantize`); two layer
-counts also give the per-layer figures by difference.
+counts also give the per-layer figures by difference (for each backend with two depths).
+
+Also reported, per model: the time of one decode step spent outside the compiled kernels (one
+extra step with every `_C` call timed; Python, torch ops and thread hand-offs between kernels).
+With --image WxH, for the first model: the vision tower + projector on a random WxH image, on
+the fast path (bf16 linears where the CPU has AVX512-BF16) and the exact fp32 path
+(KIMIVL_VISION_EXACT=1), best of --image-rounds interleaved rounds, and separately the prefill of
+that image's prompt with its features already computed: time to first token = vision + prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import kimivl_local
 from kimivl_local.benchmark import decode_bytes_per_token
+from kimivl_local.multimodal import build_prompt
+from kimivl_local.ops import _bridge
 from kimivl_local.ops._bridge import set_backend
 
 PROMPT = "The quick brown fox jumps over the lazy dog while a robot reads a report. " * 3
+
+
+class KernelTimer:
+    """Stands in for the extension while installed: every `_C` call is timed and summed."""
+
+    def __init__(self, ext):
+        self.ext, self.seconds, self.calls = ext, 0.0, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        return timed
+
+
+def outside_kernels(run) -> tuple[float, float, int]:
+    """(step seconds, seconds inside _C calls, number of _C calls) of one decode step."""
+    real = _bridge.extension
+    timer = KernelTimer(real())
+    _bridge.extension = lambda: timer
+    try:
+        t0 = time.perf_counter()
+        run()
+        total = time.perf_counter() - t0
+    finally:
+        _bridge.extension = real
+    return total, timer.seconds, timer.calls
+
+
+def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
+    """Vision tower + projector (fast and exact path) and the image prompt's prefill, best of
+    `rounds` interleaved rounds."""
+    w, h = size
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Describe it."}]}]
+    tower = model.model.vision_tower
+    processed = model.images.preprocess([image])
+    best = {"vision_fast_s": float("inf"), "vision_exact_s": float("inf"),
+            "image_prefill_s": float("inf")}
+    saved = tower.bf16_linears
+    try:
+        for _ in range(rounds):
+            for key, fast in (("vision_fast_s", None), ("vision_exact_s", False)):
+                tower.bf16_linears = fast
+                model.images.memo.clear()
+                t0 = time.perf_counter()
+                model.images.features(processed)
+                best[key] = min(best[key], time.perf_counter() - t0)
+            prompt = build_prompt(model.model, model.tokenizer, model.images, messages)
+            prompt.embed(0)  # features memoized: the prefill below is the language model alone
+            model.engine.cache.reset()
+            t0 = time.perf_counter()
+            model.engine.prefill(prompt)
+            best["image_prefill_s"] = min(best["image_prefill_s"], time.perf_counter() - t0)
+    finally:
+        tower.bf16_linears = saved
+    best["image_tokens"] = model.processor.num_tokens(image)
+    best["prompt_tokens"] = len(prompt.ids)
+    return best
 
 
 def main() -> int:
@@ -36,6 +118,8 @@ def main() -> int:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--steps", type=int, default=48, help="timed rounds (decode steps per model)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--image", help="also time the vision tower and an image prompt, e.g. 512x512")
+    ap.add_argument("--image-rounds", type=int, default=2)
     args = ap.parse_args()
 
     runs = []
@@ -62,9 +146,17 @@ def main() -> int:
             t0 = time.perf_counter()
             r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
             r["best"] = min(r["best"], time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        probe.sum()
-        best_probe = min(best_probe, time.perf_counter() - t0)
+        for threads in (None, 1):  # on a loaded machine one thread sometimes reads faster
+            with _bridge.torch_single_threaded() if threads else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                probe.sum()
+                best_probe = min(best_probe, time.perf_counter() - t0)
+    for r in runs:
+        set_backend(r["backend"])
+
+        def step(r=r):
+            r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
+        r["step_s"], r["kernel_s"], r["kernel_calls"] = outside_kernels(step)
     set_backend("auto")
     ceiling = probe.numel() * 4 / best_probe / 1e9
 
@@ -73,11 +165,16 @@ def main() -> int:
     for r in runs:
         gbps = r["bytes"] / r["best"] / 1e9
         rec = {k: r[k] for k in ("path", "backend", "layers", "bytes", "load_seconds")}
-        rec.update(ms_per_token=r["best"] * 1e3, gbps=gbps, ceiling_gbps=ceiling)
+        outside = r["step_s"] - r["kernel_s"]
+        rec.update(ms_per_token=r["best"] * 1e3, gbps=gbps, ceiling_gbps=ceiling,
+                   instrumented_step_ms=r["step_s"] * 1e3, outside_kernels_ms=outside * 1e3,
+                   kernel_calls=r["kernel_calls"])
         records.append(rec)
         print(f"{r['path']}: {r['layers']} layers, {r['backend']}: {r['best'] * 1e3:.1f} ms/token, "
               f"{r['bytes'] / 2**20:.0f} MiB/token -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% "
-              f"of the ceiling")
+              f"of the ceiling; one timed step: {r['step_s'] * 1e3:.1f} ms, "
+              f"{outside * 1e3:.1f} ms ({100 * outside / r['step_s']:.0f}%) outside "
+              f"{r['kernel_calls']} kernel calls")
     by_layers = {}
     for rec in records:
         by_layers.setdefault(rec["layers"], {})[rec["backend"]] = rec
@@ -85,15 +182,36 @@ def main() -> int:
         if len(pair) == 2:
             ratio = pair["reference"]["ms_per_token"] / pair["auto"]["ms_per_token"]
             print(f"{n} layers: kernels {ratio:.1f}x the bf16 reference")
-    full = [n for n, p in by_layers.items() if len(p) == 2]
-    if len(full) >= 2:
-        a, b = sorted(full)[:2]
-        for backend in ("auto", "reference"):
-            per = (by_layers[b][backend]["ms_per_token"] - by_layers[a][backend]["ms_per_token"]) / (b - a)
-            print(f"per layer ({a} -> {b} layers), {backend}: {per:.2f} ms")
+    for backend in ("auto", "reference"):
+        # the first two models of this backend (in argument order) with different depths
+        recs = [rec for rec in records if rec["backend"] == backend]
+        pair = next(((x, y) for i, x in enumerate(recs) for y in recs[i + 1:]
+                     if x["layers"] != y["layers"]), None)
+        if pair:
+            a, b = sorted(pair, key=lambda rec: rec["layers"])
+            ms = (b["ms_per_token"] - a["ms_per_token"]) / (b["layers"] - a["layers"])
+            mib = (b["bytes"] - a["bytes"]) / (b["layers"] - a["layers"]) / 2**20
+            gbps = mib * 2**20 / ms / 1e6 if ms > 0 else float("nan")
+            print(f"per layer ({a['layers']} -> {b['layers']} layers), {backend}: {ms:.2f} ms, "
+                  f"{mib:.1f} MiB -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% of the ceiling")
+    image = None
+    if args.image:
+        size = tuple(int(v) for v in args.image.lower().split("x"))
+        set_backend(runs[0]["backend"])
+        image = image_timings(runs[0]["model"], size, args.image_rounds)
+        set_backend("auto")
+        ttft = image["vision_fast_s"] + image["image_prefill_s"]
+        ttft_exact = image["vision_exact_s"] + image["image_prefill_s"]
+        print(f"image {args.image} ({image['image_tokens']} tokens, prompt {image['prompt_tokens']}) "
+              f"on {runs[0]['path']}: vision tower + projector {image['vision_fast_s']:.2f} s "
+              f"(exact fp32 path {image['vision_exact_s']:.2f} s: "
+              f"{image['vision_exact_s'] / image['vision_fast_s']:.2f}x), prefill "
+              f"{image['image_prefill_s']:.2f} s; time to first token {ttft:.2f} s vs "
+              f"{ttft_exact:.2f} s ({ttft / ttft_exact:.2f}x)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"ceiling_gbps": ceiling, "steps": args.steps, "records": records}, f, indent=2)
+            json.dump({"ceiling_gbps": ceiling, "steps": args.steps, "records": records,
+                       "image": image}, f, indent=2)
     return 0
 
 

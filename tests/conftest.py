@@ -26,6 +26,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def exact_vision_tower(monkeypatch):
+    """Tests compare MoonViT with fp32/fp64 oracles at fp32 tolerances: keep its exact fp32 path
+    (the bf16 linears of a CPU with AVX512-BF16 are tested on their own, test_vision.py)."""
+    monkeypatch.setenv("KIMIVL_VISION_EXACT", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The default tiny synthetic checkpoint, written once per session (treat as read-only)."""

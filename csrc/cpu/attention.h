@@ -83,6 +83,7 @@ MlaDecodeKernel mla_decode_kernel_portable();
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KIMIVL_X86_KERNELS 1
 VarlenKernel varlen_kernel_avx2();
+VarlenKernel varlen_kernel_avx512();
 MlaDecodeKernel mla_decode_kernel_avx2();
 #endif
 

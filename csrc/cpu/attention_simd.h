@@ -164,6 +164,49 @@ struct VecAvx2 {
 };
 #endif
 
+#ifdef __AVX512F__
+// 16 lanes; the tile shapes stay those of AVX2 (4 x 3 accumulators of 32 registers' room).
+struct VecAvx512 {
+  static constexpr int kLanes = 16;
+  using T = __m512;
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T zero() { return _mm512_setzero_ps(); }
+  static T iota() {
+    return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T a) { _mm512_storeu_ps(p, a); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T where_gt(T a, T b, T x, T y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  }
+  static bool any_gt(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+  static T exp2(T x) {  // as VecAvx2::exp2
+    const T xc = _mm512_max_ps(set1(-127.0f), x);
+    const T t = _mm512_add_ps(xc, set1(kExp2Shift));
+    const T f = _mm512_sub_ps(xc, _mm512_sub_ps(t, set1(kExp2Shift)));
+    T p = set1(kExp2Poly[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, set1(kExp2Poly[i]));
+    p = _mm512_fmadd_ps(p, f, set1(1.0f));
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  }
+  static float hsum(T a) { return _mm512_reduce_add_ps(a); }
+  static float hmax(T a) { return _mm512_reduce_max_ps(a); }
+  static void bf16_to_float_row(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+  }
+};
+#endif
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Address of element `offset` of a float32 or bfloat16 array.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import RMSNorm, RotaryTable, SwiGLU, linear
+from .layers import RMSNorm, RopeTables, RotaryTable, SwiGLU, linear
 from .mla import MLAttention
 from .moe import MoE
 
@@ -21,8 +21,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.hidden_size,
                                                                    cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start=0, position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, position)
+    def forward(self, x, rope, cache=None, start=0, position=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start, position)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -65,10 +65,10 @@ class LanguageModel(nn.Module):
         or None for a cache-free forward from position 0.
         """
         positions = torch.arange(start, start + embeds.shape[0], device=self.device)
-        cos, sin = self.rope.get(positions)
         x = embeds.to(self.device)
+        rope = RopeTables(*self.rope.get(positions), x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i], start)
+            x = layer(x, rope, None if cache is None else cache[i], start)
         return self.model.norm(x)
 
     def decode_hidden(self, embeds: torch.Tensor, position: torch.Tensor,
@@ -76,10 +76,10 @@ class LanguageModel(nn.Module):
         """One token: embeds [1, hidden] at position[0] (a device tensor [1], int64) ->
         final-normed hidden [1, hidden]. Nothing here reads a device value on the host, so a
         CUDA graph can capture it (the rope table must already reach the position: ensure())."""
-        cos, sin = self.rope.get(position, grow=False)
         x = embeds.to(self.device)
+        rope = RopeTables(*self.rope.get(position, grow=False), x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache[i], position=position)
+            x = layer(x, rope, cache[i], position=position)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused op for the statistics and scaling (4 fewer dispatched ops in a decode step,
+        # where each costs more than its work).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def linear(in_features: int, out_features: int) -> nn.Linear:
@@ -78,7 +79,29 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     the result is returned de-interleaved, [rotated evens | rotated odds]; q and k get the same
     permutation so q·k is unchanged, and the latent cache stores k in this layout.
     """
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.to(x.dtype).view(shape), sin.to(x.dtype).view(shape)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return RopeTables(cos, sin, x.dtype).apply(x)
+
+
+class RopeTables:
+    """cos/sin of some positions laid out for `apply`: [cos | cos] and [-sin | sin] in the
+    rotation's dtype, so a rotation is two gathers, two products and a sum (5 ops instead of
+    9), rounding exactly as x1*cos - x2*sin, x2*cos + x1*sin (the negation is exact). Built once
+    per forward (LanguageModel) and shared by every layer."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+        self.cos2 = torch.cat([cos, cos], -1).to(dtype)
+        self.sin2 = torch.cat([-sin, sin], -1).to(dtype)
+        half = cos.shape[-1]
+        evens = torch.arange(0, 2 * half, 2, device=cos.device)
+        self.deinterleave = torch.cat([evens, evens + 1])  # [x1 | x2]
+        self.swapped = torch.cat([evens + 1, evens])  # [x2 | x1]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        cos2, sin2 = self.cos2, self.sin2
+        if cos2.dtype != x.dtype:  # not the dtype the tables were built for: convert this once
+            cos2, sin2 = cos2.to(x.dtype), sin2.to(x.dtype)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (cos2.shape[-1],)
+        cos2, sin2 = cos2.view(shape), sin2.view(shape)
+        return (x.index_select(-1, self.deinterleave) * cos2
+                + x.index_select(-1, self.swapped) * sin2)
+

@@ -15,7 +15,7 @@ from torch import nn
 from .. import ops
 from ..ops.head_gemv import head_gemv
 from ..config import TextConfig
-from .layers import RMSNorm, apply_rope_interleaved, linear
+from .layers import RMSNorm, RopeTables, linear
 
 
 class MLAttention(nn.Module):
@@ -32,10 +32,9 @@ class MLAttention(nn.Module):
         self.kv_b_proj = linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim))
         self.o_proj = linear(self.num_heads * self.v_dim, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: torch.Tensor | None = None, start: int = 0,
-                position: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, hidden] at positions start..start+T-1; cos/sin [T, rope_dim/2].
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: torch.Tensor | None = None,
+                start: int = 0, position: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden] at positions start..start+T-1; rope: their RoPE angles (in x's dtype).
 
         cache: this layer's [capacity, rank + rope_dim] latent buffer, or None for a cache-free
         forward over x alone (then start must be 0). New latents are written at [start, start+T).
@@ -45,9 +44,9 @@ class MLAttention(nn.Module):
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        q_pe = rope.apply(q_pe)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)], -1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), rope.apply(k_pe)], -1)
         if position is not None:
             cache.index_copy_(0, position, latent.to(cache.dtype))
             out = self.attend_cache(q_nope, q_pe, cache, position + 1)

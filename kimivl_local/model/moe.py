@@ -25,9 +25,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights fp32 [T, k], expert ids int64 [T, k]); all in fp32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        weight, bias = self.fp32_params()
+        scores = F.linear(x.float(), weight).sigmoid()
         # The correction bias only chooses experts; the weights are the unbiased scores.
-        choice = scores + self.e_score_correction_bias.float()
+        choice = scores + bias
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)
@@ -39,6 +40,17 @@ class Router(nn.Module):
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids
+
+    def fp32_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and correction bias in fp32, converted once and kept while the parameters
+        are the same tensors (a bf16 router weight is 0.5 MB of fp32 per layer per step)."""
+        cached = self.__dict__.get("_fp32")
+        params = (self.weight, self.e_score_correction_bias)
+        if cached is None or cached[0] is not params[0] or cached[1] is not params[1]:
+            cached = (self.weight, self.e_score_correction_bias, self.weight.float(),
+                      self.e_score_correction_bias.float())
+            self.__dict__["_fp32"] = cached
+        return cached[2], cached[3]
 
 
 class StackedExperts(nn.Module):

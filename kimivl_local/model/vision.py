@@ -7,14 +7,52 @@ which keeps the module constructible on the meta device and fillable from mmappe
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from ..ext import build_info
 from ..ops import varlen_attention
 
 ROPE_THETA = 10000.0
+EXACT_ENV = "KIMIVL_VISION_EXACT"  # "1": fp32 linears on the CPU even where bf16 is fast
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16; AMX-BF16 CPUs have it too),
+    where torch's bf16 matmul (oneDNN) runs ~8x faster than fp32 (measured 291 vs 35 GFLOP/s on
+    [1296, 1152] x [1152, 4304], 2 Xeon cores). Without it bf16 matmul is ~4x slower than fp32."""
+    features = build_info().get("cpu_features") or {}
+    return bool(features.get("avx512_bf16"))
+
+
+class TowerLinear(nn.Linear):
+    """nn.Linear that may run in bf16: with `fast` set (MoonViT.forward sets it, see
+    MoonViT.bf16_linears) x, W and the bias are rounded to bf16, multiplied with fp32
+    accumulation (oneDNN; AMX where present) and the result returned in bf16, with no separate
+    pass for the bias or a conversion back. The block keeps its residual stream and LayerNorms in
+    fp32 (fp32 + bf16 promotes to fp32); RoPE, attention and GELU between two linears take the
+    bf16 values, which the next linear would round to bf16 anyway. Measured on 3 full-width
+    blocks, 1296 patches: 1.53x the exact path, against 1.30x when the output is converted back
+    to fp32 and the bias added there. The bf16 copies of W and b are made at the first fast call
+    and kept (half the fp32 weight's memory)."""
+
+    fast = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast or self.weight.dtype != torch.float32:
+            return super().forward(x)
+        cached = self.__dict__.get("_bf16")
+        if cached is None or cached[0] is not self.weight or cached[1] is not self.bias:
+            bias = None if self.bias is None else self.bias.detach().bfloat16()
+            cached = (self.weight, self.bias, self.weight.detach().bfloat16(), bias)
+            self.__dict__["_bf16"] = cached
+        return F.linear(x.bfloat16(), cached[2], cached[3])
 
 
 class LearnedPosEmb2D(nn.Module):
@@ -72,8 +110,8 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc0 = nn.Linear(dim, hidden)
-        self.fc1 = nn.Linear(hidden, dim)
+        self.fc0 = TowerLinear(dim, hidden)
+        self.fc1 = TowerLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
@@ -86,8 +124,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.norm0 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
-        self.wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.wqkv = TowerLinear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.wo = TowerLinear(cfg.hidden_size, cfg.hidden_size)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -130,6 +168,13 @@ def patch_merge(x: torch.Tensor, grids: list[tuple[int, int]],
 
 
 class MoonViT(nn.Module):
+    """bf16_linears: None (default) runs the blocks' fp32 linears in bf16 on a CPU with bf16
+    hardware unless KIMIVL_VISION_EXACT=1 (the exact fp32 path); True/False force it. Features
+    stay within a few bf16 roundings of fp32 (tests/test_vision.py states the bound); LayerNorms,
+    residuals, RoPE and attention stay fp32 (attention in ops.varlen_attention)."""
+
+    bf16_linears: bool | None = None
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
@@ -141,12 +186,23 @@ class MoonViT(nn.Module):
         with sum h*w = N -> per image [(h/2)(w/2), 4, hidden] in the tower's dtype."""
         grids = self._check(pixel_values, grid_hws)
         weight = self.patch_embed.proj.weight
+        fast = self.bf16_linears
+        if fast is None:
+            fast = (weight.device.type == "cpu" and os.environ.get(EXACT_ENV) != "1"
+                    and cpu_has_fast_bf16())
+        self.set_fast_linears(fast)
         x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids)
         lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
         cu_seqlens = lengths.cumsum(0).to(device=x.device, dtype=torch.int32)
         freqs = rope_2d_freqs(grids, self.cfg.head_dim, x.device)
         x = self.encoder(x, cu_seqlens, freqs, max(h * w for h, w in grids))  # no sync on CUDA
         return patch_merge(x, grids, self.cfg.merge_kernel_size)
+
+    def set_fast_linears(self, fast: bool) -> None:
+        """Run the blocks' linears in bf16 (TowerLinear) or exactly in the weights' dtype."""
+        for m in self.modules():
+            if isinstance(m, TowerLinear):
+                m.fast = fast
 
     def _check(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[tuple[int, int]]:
         p = self.cfg.patch_size
