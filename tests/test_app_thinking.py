@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+pytest.importorskip("gradio")
+
 from app_support import import_app
 
 chat = import_app("chat")

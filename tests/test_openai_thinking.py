@@ -5,9 +5,10 @@ a reply cut while thinking is still well formed, and reasoning never reaches a l
 import threading
 import time
 
-import httpx
 import pytest
 import torch
+
+httpx = pytest.importorskip("httpx")  # installed with the app's gradio
 
 import kimivl_local
 from app_support import import_app, running_server
