@@ -28,8 +28,9 @@ EPILOG = """recipes:
 
 rules: --rule 'REGEX=BITS[:GROUP][:sym|asym]' (repeatable, tried before the recipe's rules, first
 match wins). REGEX is searched in module names such as
-language_model.model.layers.3.mlp.experts.17.down_proj; BITS 4 or 8, or 16 to keep bf16; GROUP
-32, 64, 128 or channel (default 128 for 4 bits, channel for 8). Routers always stay bf16.
+language_model.model.layers.3.mlp.experts.17.down_proj; BITS 2, 3, 4, 5, 6 or 8, or 16 to keep
+bf16; GROUP 32, 64, 128 or channel (default 32 for 2 bits, 64 for 3, 128 for 4-6, channel for
+8). Routers always stay bf16.
 Where a recipe's group does not divide a layer's input size, that layer takes the largest smaller
 multiple of 32 that does, else per-channel (--dry-run lists these fallbacks); a --rule's group
 must divide.

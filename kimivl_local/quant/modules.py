@@ -285,6 +285,13 @@ class QuantExperts(nn.Module):
         return ops.moe_block(x.contiguous(), weights.float(), ids, self.w13, self.w2)
 
 
+def quant_schemes(module: nn.Module) -> list[QuantScheme]:
+    """The schemes of a QuantLinear or QuantExperts (the experts' quantized projections)."""
+    if isinstance(module, QuantExperts):
+        return [s for s in module.schemes.values() if s is not None]
+    return [module.scheme]
+
+
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
