@@ -1,9 +1,10 @@
 """`--fit-gb`: per-layer routed-expert widths chosen so the planned GPU memory fits a budget.
 
 The routed experts are ~90% of the language model's weights, so only their width is chosen; every
-other module keeps the recipe's (and the user's rules) scheme. Each MoE layer gets one width from
-WIDTHS for all of its experts' gate, up and down projections, at the width's default group
-(recipes.DEFAULT_GROUP, fitted to the layer's input sizes).
+other module keeps the recipe's (and the user's rules) scheme. Each MoE layer gets one level from
+LEVELS (a width and group, fewest bytes first: 2 bits at g128 is 2.125 bits per weight, at g32
+2.5) for all of its experts' gate, up and down projections (the group fitted to the layer's
+input sizes).
 
 Sensitivity (documented choice): for each layer and width, the relative output error of RTN
 quantization for isotropic inputs, ‖Ŵ - W‖ / ‖W‖ (the quantize report's RTN error), measured on
@@ -11,7 +12,8 @@ SAMPLE_EXPERTS experts' gate, up and down weights of that layer (SAMPLE_ROWS row
 not calibration-based: a layer whose inputs are unusually sensitive is not seen. The error of the
 model is taken as the sum over layers of their squared errors (independent noise added to the
 residual stream), so the allocation is a greedy descent from the widest width: repeatedly lower
-by one step the layer whose step adds the least squared error per byte saved, until the planned
+by one step the layer whose step adds the least squared error per byte saved (ties: the widest
+layer first, so alike layers end up within one step of each other), until the planned
 GPU memory (Plan.gpu_bytes: weights + latent cache at --context + the activation allowance) fits.
 """
 
@@ -25,12 +27,13 @@ import torch
 from kimivl_local.errors import InputError
 from kimivl_local.quant.packing import QuantScheme, dequantize, quantize_rtn
 
-from .plan import Plan, make_plan, open_source
-from .recipes import DEFAULT_GROUP, ROUTED_EXPERTS, Rule, fit_group
+from .plan import Plan, describe, make_plan, open_source
+from .recipes import ROUTED_EXPERTS, Rule, fit_group
 
 log = logging.getLogger("kimivl_local.quantize")
 
-WIDTHS = (2, 3, 4, 5, 6, 8)
+LEVELS = (QuantScheme(2, 128), QuantScheme(2, 32), QuantScheme(3, 128), QuantScheme(3, 64),
+          QuantScheme(4, 128), QuantScheme(5, 128), QuantScheme(6, 128), QuantScheme(8, None))
 SAMPLE_EXPERTS = 2
 SAMPLE_ROWS = 256
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -40,29 +43,34 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 class Mix:
     """The chosen width of each MoE layer and the plan that follows from it."""
 
-    bits: dict[int, int]  # layer -> width
-    errors: dict[int, dict[int, float]]  # layer -> width -> relative error (sensitivity)
+    levels: dict[int, int]  # layer -> index into LEVELS
+    errors: dict[int, list[float]]  # layer -> relative error at each level (sensitivity)
     plan: Plan
     budget: int
     context: int
 
+    @property
+    def bits(self) -> dict[int, int]:
+        return {layer: LEVELS[i].bits for layer, i in self.levels.items()}
+
     def summary(self) -> str:
-        counts = {b: sum(1 for v in self.bits.values() if v == b) for b in WIDTHS}
-        mix = ", ".join(f"{n} x int{b}" for b, n in counts.items() if n)
-        lines = [f"--fit-gb {self.budget / (1 << 30):g}: routed experts {mix} (MoE layers)",
-                 "layer  bits  rel. error (sampled experts)"]
-        for layer, b in self.bits.items():
-            lines.append(f"{layer:5d}  {b:4d}  {self.errors[layer][b]:.4f}")
-        gpu = self.plan.gpu_bytes(self.context)["total"]
-        lines.append(f"planned GPU memory {gpu / (1 << 30):.2f} GiB of {self.budget / (1 << 30):.2f} "
-                     f"GiB at {self.context:,} tokens; weights {self.plan.total_bytes / (1 << 30):.2f} "
-                     "GiB")
+        counts = {i: sum(1 for v in self.levels.values() if v == i) for i in range(len(LEVELS))}
+        mix = ", ".join(f"{n} x {describe(LEVELS[i], None)}" for i, n in counts.items() if n)
+        lines = [f"--fit-gb {self.budget / (1 << 30):g}: routed experts of the MoE layers: {mix}",
+                 "layer  experts       rel. error (sampled experts, RTN)"]
+        for layer, i in self.levels.items():
+            lines.append(f"{layer:5d}  {describe(LEVELS[i], None):12s}  "
+                         f"{self.errors[layer][i]:.4f}")
+        gpu = self.plan.gpu_bytes(self.context)
+        lines.append(f"planned GPU memory {gpu['total'] / (1 << 30):.2f} GiB of "
+                     f"{self.budget / (1 << 30):.2f} GiB at {self.context:,} tokens; weights "
+                     f"{gpu['weights'] / (1 << 30):.2f} GiB as loaded, "
+                     f"{self.plan.total_bytes / 1e9:.2f} GB on disk")
         return "\n".join(lines)
 
 
-def layer_rule(layer: int, bits: int, in_features: tuple[int, ...]) -> Rule:
-    """One layer's experts at `bits`, the width's default group fitted to every input size."""
-    scheme = QuantScheme(bits, DEFAULT_GROUP[bits], True)
+def layer_rule(layer: int, scheme: QuantScheme, in_features: tuple[int, ...]) -> Rule:
+    """One layer's experts at `scheme`, its group fitted to every input size."""
     for k in in_features:
         scheme = fit_group(scheme, k)
     pattern = ROUTED_EXPERTS.replace(r"\.mlp\.experts", rf"\.layers\.{layer}\.mlp\.experts", 1)
@@ -84,61 +92,60 @@ def fit_budget(src, recipe_rules: list[Rule], user_rules: list[Rule], budget: in
             errors[layer] = _layer_errors(ckpt, layer, text.n_routed_experts)
     finally:
         ckpt.close()
-    rules = {b: {layer: layer_rule(layer, b, in_features) for layer in layers} for b in WIDTHS}
+    rules = [{layer: layer_rule(layer, level, in_features) for layer in layers} for level in LEVELS]
 
-    def plan_for(bits: dict[int, int]) -> Plan:
-        return make_plan(src, recipe_rules, list(user_rules) + [rules[b][l] for l, b in bits.items()],
+    def plan_for(levels: dict[int, int]) -> Plan:
+        return make_plan(src, recipe_rules, list(user_rules) + [rules[i][l] for l, i in levels.items()],
                          shard_bytes)
 
-    # Bytes of one layer's experts at each width, from one plan per width (the layers are alike).
-    per_width = {b: plan_for({layer: b for layer in layers}).total_bytes for b in WIDTHS}
-    lowest = plan_for({layer: WIDTHS[0] for layer in layers})
-    if lowest.gpu_bytes(context)["total"] > budget:
-        need = lowest.gpu_bytes(context)["total"] / (1 << 30)
+    # GPU bytes with every layer at each level (the layers are alike): one plan per level.
+    per_level = [plan_for({layer: i for layer in layers}).gpu_bytes(context)["total"]
+                 for i in range(len(LEVELS))]
+    if per_level[0] > budget:
         raise InputError(f"--fit-gb {budget / (1 << 30):g}: even with every routed expert at "
-                         f"{WIDTHS[0]} bits the plan needs {need:.4f} GiB at {context:,} tokens "
-                         "of context; give a larger budget or a smaller --context")
-    layer_bytes = {b: (per_width[b] - per_width[WIDTHS[0]]) / len(layers) for b in WIDTHS}
-    bits = {layer: WIDTHS[-1] for layer in layers}
-    fixed = lowest.gpu_bytes(context)["total"] - layer_bytes[WIDTHS[0]] * len(layers)
+                         f"{describe(LEVELS[0], None)} the plan needs {per_level[0] / (1 << 30):.4f} "
+                         f"GiB at {context:,} tokens of context; give a larger budget, a smaller "
+                         "--context, or rules that shrink other modules (e.g. --recipe int4)")
+    layer_bytes = [(b - per_level[0]) / len(layers) for b in per_level]  # over the lowest level
+    levels = {layer: len(LEVELS) - 1 for layer in layers}
 
-    def total(bits):
-        return fixed + sum(layer_bytes[b] for b in bits.values())
+    def total(levels):
+        return per_level[0] + sum(layer_bytes[i] for i in levels.values())
 
-    while total(bits) > budget:
+    while total(levels) > budget:
         best = None
-        for layer, b in bits.items():
-            i = WIDTHS.index(b)
+        for layer, i in levels.items():
             if i == 0:
                 continue
-            lower = WIDTHS[i - 1]
-            cost = (errors[layer][lower] ** 2 - errors[layer][b] ** 2) / (
-                layer_bytes[b] - layer_bytes[lower])
-            if best is None or cost < best[0]:
-                best = (cost, layer, lower)
-        bits[best[1]] = best[2]
-    plan = plan_for(bits)
-    while plan.gpu_bytes(context)["total"] > budget:  # header bytes: arithmetic was a hair off
-        layer = max((l for l in bits if bits[l] > WIDTHS[0]), key=lambda l: bits[l])
-        bits[layer] = WIDTHS[WIDTHS.index(bits[layer]) - 1]
-        plan = plan_for(bits)
-    return Mix(bits, errors, plan, budget, context)
+            saved = max(layer_bytes[i] - layer_bytes[i - 1], 1.0)  # a fitted group may tie
+            cost = (errors[layer][i - 1] ** 2 - errors[layer][i] ** 2) / saved
+            step = (cost, -i, layer)  # ties (alike layers): lower the widest first, evenly
+            if best is None or step < best[0]:
+                best = (step, layer)
+        levels[best[1]] -= 1
+    plan = plan_for(levels)
+    while plan.gpu_bytes(context)["total"] > budget:  # header bytes: the arithmetic was a hair off
+        layer = max((l for l in levels if levels[l] > 0), key=lambda l: levels[l])
+        levels[layer] -= 1
+        plan = plan_for(levels)
+    return Mix(levels, errors, plan, budget, context)
 
 
-def _layer_errors(ckpt, layer: int, experts: int) -> dict[int, float]:
-    """width -> ‖Ŵ - W‖ / ‖W‖ over SAMPLE_EXPERTS experts' gate, up, down (SAMPLE_ROWS rows)."""
+def _layer_errors(ckpt, layer: int, experts: int) -> list[float]:
+    """‖Ŵ - W‖ / ‖W‖ at each level over SAMPLE_EXPERTS experts' gate, up, down (SAMPLE_ROWS
+    rows)."""
     weights = []
     for e in range(min(SAMPLE_EXPERTS, experts)):
         for proj in PROJS:
             name = f"language_model.model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
             weights.append(ckpt.load(name)[:SAMPLE_ROWS].float())
             ckpt.release(name)
-    out = {}
-    for b in WIDTHS:
+    out = []
+    for level in LEVELS:
         err = ref = 0.0
         for w in weights:
-            scheme = fit_group(QuantScheme(b, DEFAULT_GROUP[b], True), w.shape[1])
-            err += float((dequantize(quantize_rtn(w, scheme)) - w).square().sum())
+            packed = quantize_rtn(w, fit_group(level, w.shape[1]))
+            err += float((dequantize(packed) - w).square().sum())
             ref += float(w.square().sum())
-        out[b] = (err / ref) ** 0.5 if ref else 0.0
+        out.append((err / ref) ** 0.5 if ref else 0.0)
     return out

@@ -21,7 +21,7 @@ def _fit(src, nbytes):
 
 
 def _range(src) -> tuple[int, int]:
-    """Planned GPU bytes with every routed expert at 2 bits, and at 8."""
+    """Planned GPU bytes with every routed expert at int2 g32, and at int8."""
     low = budget.fit_budget(src, recipes.recipe_rules("default"),
                             [recipes.parse_rule(f"{recipes.ROUTED_EXPERTS}=2")], 1 << 40, CONTEXT)
     return (low.plan.gpu_bytes(CONTEXT)["total"],
@@ -48,7 +48,7 @@ def test_fit_budget_picks_a_mix_within_budget(tiny128_checkpoint):
 
 
 def test_fit_budget_says_when_nothing_fits(tiny128_checkpoint):
-    with pytest.raises(InputError, match="even with every routed expert at 2 bits"):
+    with pytest.raises(InputError, match="even with every routed expert at int2 g128"):
         _fit(tiny128_checkpoint, 1 << 20)
     with pytest.raises(InputError, match="--fit-gb must be a positive"):
         qmain.quantize(tiny128_checkpoint, "/nonexistent/never-written", fit_gb=-1)
