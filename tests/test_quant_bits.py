@@ -14,7 +14,7 @@ from kimivl_local.ops import moe_block_reference
 from kimivl_local.quant import modules as quant_modules
 from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
 from kimivl_local.quant.modules import QuantExperts, QuantLinear
-from kimivl_local.quant.packing import PackedWeight, dequantize
+from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 
 from test_quant_interop import _our_schemes, _shards, _skeleton
 
@@ -128,3 +128,34 @@ def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpo
                     assert torch.equal(w, theirs[f"{name}.{e}.{proj}.weight"]), (name, e, proj)
                     checked += 1
     assert checked == len(quantized_modules)
+
+
+def test_cuda_kernels_take_4_and_8_bits_only():
+    """2, 3, 5 and 6 bits have no CUDA kernel: the module says so before loading (the memory
+    planner then counts the dense weight) and dequantizes at load, never a CudaQuantWeight."""
+    from kimivl_local.quant import cuda_layout
+
+    for bits in (2, 3, 5, 6):
+        assert not cuda_layout.kernel_supports(QuantScheme(bits, 32), 2048)
+        with pytest.raises(ValueError, match="bits must be one of 4, 8 in CudaQuantWeight"):
+            cuda_layout.CudaQuantWeight(torch.zeros(16, 8, dtype=torch.int32),
+                                        torch.zeros(16, 1, dtype=torch.bfloat16), None, bits, 32,
+                                        16, 32)
+    linear = QuantLinear(2048, 64, QuantScheme(3, 64), bias=False)
+    assert linear.resident_bytes(torch.device("cuda"), torch.bfloat16) == 64 * 2048 * 2
+    assert linear.resident_bytes(torch.device("cpu"), torch.bfloat16) < 64 * 2048 // 2
+
+
+@pytest.mark.gpu
+def test_cuda_runs_every_width_dequantized_and_warns(quantized, caplog):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    path = quantized("default", *RULES)
+    with caplog.at_level("WARNING", logger="kimivl_local"):
+        gpu = kimivl_local.load(path, device="cuda", dtype=torch.bfloat16)
+    assert "2/3/5/6-bit layers are dequantized" in caplog.text
+    cpu = kimivl_local.load(path, device="cpu", dtype=torch.float32)
+    gl, cl = gpu.model.language_model.model.layers[1], cpu.model.language_model.model.layers[1]
+    assert gl.mlp.experts.dense is not None and gl.mlp.experts.dense[0].is_cuda
+    want = cpu_dequantize(cl.mlp.experts.w2).bfloat16()
+    assert torch.equal(gl.mlp.experts.dense[2].cpu(), want)
