@@ -35,6 +35,8 @@ def describe_model(spec: str) -> dict:
     from .checkpoint import Checkpoint
     from .config import KimiVLConfig
     from .loader import resolve_model_path
+    from .quant.cuda_layout import CudaQuantWeight
+    from .quant.qconfig import QuantizationConfig
 
     path = resolve_model_path(spec)
     cfg = KimiVLConfig.from_dir(path)
@@ -42,7 +44,7 @@ def describe_model(spec: str) -> dict:
     params = sum(_numel(t.shape) for t in ckpt.tensors.values())
     size = sum(t.dtype.itemsize * _numel(t.shape) for t in ckpt.tensors.values())
     t = cfg.text
-    return {
+    out = {
         "path": str(path),
         "tensors": len(ckpt.tensors),
         "parameters": params,
@@ -53,6 +55,12 @@ def describe_model(spec: str) -> dict:
         "vision": f"{cfg.vision.num_hidden_layers} blocks, hidden {cfg.vision.hidden_size}",
         "dtype": cfg.torch_dtype,
     }
+    qconfig = QuantizationConfig.from_model_config(cfg.raw)
+    if qconfig is not None:
+        bits = sorted({g.scheme.bits for g in qconfig.groups})
+        out["quantized_bits"] = bits
+        out["cuda_dequantized_bits"] = [b for b in bits if b not in CudaQuantWeight.BITS]
+    return out
 
 
 def _numel(shape) -> int:
@@ -88,4 +96,11 @@ def format_info(info: dict) -> str:
                   f"  {m['tensors']} tensors, {m['parameters'] / 1e9:.2f} B parameters, "
                   f"{m['bytes'] / 2**30:.2f} GiB ({m['dtype']})",
                   f"  text: {m['text']}", f"  vision: {m['vision']}"]
+        if "quantized_bits" in m:
+            widths = ", ".join(f"int{b}" for b in m["quantized_bits"])
+            slow = m["cuda_dequantized_bits"]
+            lines.append(f"  quantized: {widths}; CPU kernels for all; on CUDA "
+                         + (f"{', '.join(f'int{b}' for b in slow)} have no kernel and are "
+                            "dequantized to the compute dtype at load" if slow
+                            else "all run in the kernels"))
     return "\n".join(lines)

@@ -159,3 +159,15 @@ def test_cuda_runs_every_width_dequantized_and_warns(quantized, caplog):
     assert gl.mlp.experts.dense is not None and gl.mlp.experts.dense[0].is_cuda
     want = cpu_dequantize(cl.mlp.experts.w2).bfloat16()
     assert torch.equal(gl.mlp.experts.dense[2].cpu(), want)
+
+
+def test_info_names_the_widths_without_a_cuda_kernel(quantized):
+    from kimivl_local.info import describe_model, format_info
+
+    model = describe_model(str(quantized("default", *RULES)))
+    assert model["quantized_bits"] == [2, 3, 5, 6, 8]
+    assert model["cuda_dequantized_bits"] == [2, 3, 5, 6]
+    text = format_info({"kimivl_local": "x", "python": "3", "torch": "2", "torch_threads": 1,
+                        "cpu_count": 1, "extension": {"available": False, "error": "none"},
+                        "torch_cuda_devices": [], "model": model})
+    assert "on CUDA int2, int3, int5, int6 have no kernel and are dequantized" in text
