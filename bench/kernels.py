@@ -1,7 +1,7 @@
 """Kernel benchmarks on Kimi-VL's real shapes, next to torch and the machine's bandwidth.
 
     python bench/kernels.py [--device cpu|cuda] [--json FILE] [--threads N] [--filter TEXT]
-                            [--quick]
+                            [--quick] [--widths]
 
 Prints one row per case and, with --json, writes one record per case:
   {op, backend, isa, shape, seconds, gbps, gflops, ceiling_gbps, torch_seconds,
@@ -12,6 +12,9 @@ see the same load from other processes); torch_seconds is torch's bf16 matmul on
 dequantized weights (torch_fp32_seconds the same in fp32), timed in the same rounds. Decode-shaped
 cases rotate over enough weight copies (or experts) that nothing is served from the L3 cache.
 Compare ratios within one run: on shared machines absolute times are noise.
+
+--widths runs only the width sweep (width_sweep_cases: the routed-expert block at M = 1 for 2, 3,
+4, 5, 6 and 8 bits; bytes and time per call should fall with the width).
 
 Cases come from CASE_BUILDERS: a builder takes the parsed arguments and returns Case objects, so
 new ops (e.g. attention) add one function to that list.
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 from kimivl_local.ext import build_info
 from kimivl_local.ops import moe_block, quant_matmul
-from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
+from kimivl_local.quant import PackedWeight, QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant import cuda_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
@@ -158,7 +161,42 @@ def moe_cases(args) -> list[Case]:
     return cases
 
 
-CASE_BUILDERS: list[Callable[[argparse.Namespace], list[Case]]] = [quant_matmul_cases, moe_cases]
+# The width sweep: each width at the group `quantize` gives it by default (quantize/recipes.py).
+WIDTHS = {2: 32, 3: 64, 4: 128, 5: 128, 6: 128, 8: None}
+
+
+def random_experts(e: int, shape: tuple[int, int], scheme: QuantScheme):
+    """E random quantized experts in the CPU layout, quantized 8 at a time (bounded temporaries)."""
+    parts = [random_weight((min(8, e - i), *shape), scheme) for i in range(0, e, 8)]
+    zp = None if scheme.symmetric else torch.cat([p.weight_zero_point for p in parts])
+    return to_cpu_layout(PackedWeight(torch.cat([p.weight_packed for p in parts]),
+                                      torch.cat([p.weight_scale for p in parts]),
+                                      parts[0].weight_shape, zp, scheme))
+
+
+def width_sweep_cases(args) -> list[Case]:
+    """Decode (M = 1) through the routed experts at every width: the bytes read per call scale
+    with the width, and so should the time, while the kernel stays bandwidth-bound."""
+    cases = []
+    for bits, group in WIDTHS.items():
+        scheme = QuantScheme(bits, group, True)
+        w13 = random_experts(EXPERTS, (2 * EXPERT_I, HIDDEN), scheme)
+        w2 = random_experts(EXPERTS, (HIDDEN, EXPERT_I), scheme)
+        per_expert = (w13.nbytes() + w2.nbytes()) // EXPERTS
+        x = torch.randn(1, HIDDEN).bfloat16()
+        calls = [(torch.rand(1, TOP_K), torch.tensor([[(TOP_K * i + j) % EXPERTS
+                                                      for j in range(TOP_K)]]))
+                 for i in range(32)]  # consecutive calls take disjoint experts: cold each time
+        cases.append(Case(
+            "moe_block", f"routed experts E={EXPERTS} top-{TOP_K} int{bits}-"
+            f"{'ch' if group is None else f'g{group}'} M=1",
+            rotating([lambda c=c, w13=w13, w2=w2: moe_block(x, *c, w13, w2) for c in calls]),
+            per_expert * TOP_K, 2.0 * TOP_K * 3 * HIDDEN * EXPERT_I))
+    return cases
+
+
+CASE_BUILDERS: list[Callable[[argparse.Namespace], list[Case]]] = [quant_matmul_cases, moe_cases,
+                                                                   width_sweep_cases]
 
 
 def cuda_weight(shape, scheme) -> cuda_layout.CudaQuantWeight:
@@ -299,6 +337,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--filter", default="", help="only cases whose op or shape contains this")
     parser.add_argument("--quick", action="store_true", help="decode shapes only")
+    parser.add_argument("--widths", action="store_true",
+                        help="only the CPU width sweep (routed experts at 2-8 bits, M = 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: the CPU kernels (default); cuda: the CUDA kernels")
     args = parser.parse_args(argv)
@@ -317,6 +357,8 @@ def main(argv=None) -> None:
         isa = (os.environ.get("KIMIVL_ISA") or info.get("cpu_isa_selected")
                or "none (torch reference)")
         probe, builders, timer = Bandwidth(), CASE_BUILDERS, best_times
+        if args.widths:
+            builders = [width_sweep_cases]
     where = "" if args.device == "cpu" else f"device {args.device}, "
     print(f"{where}threads {args.threads}, isa {isa}, load average {os.getloadavg()[0]:.2f}")
     head = (f"{'op':13} {'shape':58} {'ms':>9} {'GB/s':>6} {'ceil':>5} {'%bw':>4} {'GFLOP/s':>8} "

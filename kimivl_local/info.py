@@ -35,6 +35,7 @@ def describe_model(spec: str) -> dict:
     from .checkpoint import Checkpoint
     from .config import KimiVLConfig
     from .loader import resolve_model_path
+    from .quant.cuda_layout import CudaQuantWeight
     from .quant.qconfig import QuantizationConfig
 
     path = resolve_model_path(spec)
@@ -42,7 +43,7 @@ def describe_model(spec: str) -> dict:
     qconfig = QuantizationConfig.from_model_config(cfg.raw, str(path / "config.json"))
     ckpt = Checkpoint.open(path)
     t = cfg.text
-    return {
+    out = {
         "path": str(path),
         "tensors": len(ckpt.tensors),
         "parameters": sum(_weights_of(tensor, qconfig) for tensor in ckpt.tensors.values()),
@@ -55,6 +56,11 @@ def describe_model(spec: str) -> dict:
         "vision": f"{cfg.vision.num_hidden_layers} blocks, hidden {cfg.vision.hidden_size}",
         "dtype": cfg.torch_dtype,
     }
+    if qconfig is not None:
+        bits = sorted({g.scheme.bits for g in qconfig.groups})
+        out["quantized_bits"] = bits
+        out["cuda_dequantized_bits"] = [b for b in bits if b not in CudaQuantWeight.BITS]
+    return out
 
 
 # The tensors compressed-tensors' pack-quantized format writes in place of a linear's `.weight`.
@@ -67,14 +73,14 @@ def _quantized_module(name: str) -> str | None:
 
 def _weights_of(tensor, qconfig) -> int:
     """Model parameters a checkpoint tensor holds: a packed tensor's int32 words hold 32 / bits
-    weights each; scales, zero points and shapes are not parameters."""
+    weights each (a dense bit stream for 3, 5 and 6 bits); scales, zero points and shapes are not parameters."""
     module = _quantized_module(tensor.name)
     if module is None:
         return tensor.numel
     if not tensor.name.endswith(".weight_packed"):
         return 0
     scheme = qconfig.scheme_for(module) if qconfig else None
-    return tensor.numel * (32 // scheme.bits) if scheme else tensor.numel
+    return tensor.numel * 32 // scheme.bits if scheme else tensor.numel
 
 
 def weight_formats(tensors, qconfig) -> list[dict]:
@@ -158,4 +164,11 @@ def format_info(info: dict) -> str:
         lines += [f"    {p['part']:<{width}}  {p['format']:<16} {format_bytes(p['bytes']):>10}"
                   for p in m["parts"]]
         lines += [f"  text: {m['text']}", f"  vision: {m['vision']}"]
+        if "quantized_bits" in m:
+            widths = ", ".join(f"int{b}" for b in m["quantized_bits"])
+            slow = m["cuda_dequantized_bits"]
+            lines.append(f"  quantized: {widths}; CPU kernels for all; on CUDA "
+                         + (f"{', '.join(f'int{b}' for b in slow)} have no kernel and are "
+                            "dequantized to the compute dtype at load" if slow
+                            else "all run in the kernels"))
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from .config import KimiVLConfig
 from .hub import resolve_model_path  # noqa: F401  (re-exported: its old home)
 from .memory_plan import Placement
 from .model.kimivl import KimiVLForConditionalGeneration, checkpoint_names
-from .quant.modules import swap_modules
+from .quant.modules import quant_schemes, swap_modules
 from .quant.qconfig import QuantizationConfig
 
 log = logging.getLogger("kimivl_local")
@@ -57,6 +57,12 @@ def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.devic
         fast = sum(m.on_kernel for m in quantized.values())
         log.info("%d quantized layers: %d in the CPU kernels' layout, %d dequantized to %s at load",
                  len(quantized), fast, len(quantized) - fast, str(dtype).removeprefix("torch."))
+        slow_bits = sorted({s.bits for m in quantized.values() if not m.on_kernel
+                            for s in quant_schemes(m) if s.bits not in (4, 8)})
+        if slow_bits and any(placement.device_of(n).type == "cuda" for n in quantized):
+            log.warning("the CUDA kernels take 4 and 8 bits only: %s-bit layers are dequantized "
+                        "to %s at load (the memory of the dense weight)",
+                        "/".join(map(str, slow_bits)), str(dtype).removeprefix("torch."))
     model.eval()
     return model
 

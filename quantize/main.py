@@ -15,6 +15,7 @@ from pathlib import Path
 from kimivl_local.errors import CheckpointError, InputError, KimiVLError
 from kimivl_local.loader import resolve_model_path
 
+from .budget import fit_budget
 from .plan import Plan, make_plan
 from .recipes import RECIPES, parse_rule, recipe_rules
 from .report import GB, build_report, error_table, size_table
@@ -28,8 +29,9 @@ EPILOG = """recipes:
 
 rules: --rule 'REGEX=BITS[:GROUP][:sym|asym]' (repeatable, tried before the recipe's rules, first
 match wins). REGEX is searched in module names such as
-language_model.model.layers.3.mlp.experts.17.down_proj; BITS 4 or 8, or 16 to keep bf16; GROUP
-32, 64, 128 or channel (default 128 for 4 bits, channel for 8). Routers always stay bf16.
+language_model.model.layers.3.mlp.experts.17.down_proj; BITS 2, 3, 4, 5, 6 or 8, or 16 to keep
+bf16; GROUP 32, 64, 128 or channel (default 32 for 2 bits, 64 for 3, 128 for 4-6, channel for
+8). Routers always stay bf16.
 Where a recipe's group does not divide a layer's input size, that layer takes the largest smaller
 multiple of 32 that does, else per-channel (--dry-run lists these fallbacks); a --rule's group
 must divide.
@@ -42,12 +44,14 @@ progress); one run at a time writes a DST (DST.quantize-lock).
 
 def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: str = "rtn",
              force: bool = False, shard_size: int = 2 << 30, calib_data: Path | None = None,
-             calib_samples: int = 64, device: str | None = None) -> dict:
+             calib_samples: int = 64, device: str | None = None, fit_gb: float | None = None,
+             context: int = 8192) -> dict:
     """Quantize checkpoint `src` (folder or cached HF repo id) into folder `dst`; returns the
-    report (also written to dst/quantization_report.json)."""
+    report (also written to dst/quantization_report.json). fit_gb: choose the routed experts'
+    widths per layer so the planned GPU memory at `context` fits (budget.py)."""
     src, dst = resolve_model_path(src), Path(dst).expanduser().absolute()
     _check_paths(src, dst, force)
-    plan = make_plan(src, recipe_rules(recipe), [parse_rule(r) for r in rules], shard_size)
+    plan = _plan(src, recipe, rules, shard_size, fit_gb, context)
     return write(plan, dst, method=method, force=force, calib_data=calib_data,
                  calib_samples=calib_samples, device=device)
 
@@ -87,6 +91,19 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
     except OSError as exc:  # taking the lock: DST's folder cannot be written
         raise InputError(f"cannot write {exc.filename or dst}: {exc.strerror or exc}") from None
     return report
+
+
+def _plan(src: Path, recipe: str, rules: list[str], shard_size: int, fit_gb: float | None,
+          context: int) -> Plan:
+    """The recipe and rules' plan, or with --fit-gb the budget's mix (its summary printed)."""
+    recipe_list, user = recipe_rules(recipe), [parse_rule(r) for r in rules]
+    if fit_gb is None:
+        return make_plan(src, recipe_list, user, shard_size)
+    if fit_gb <= 0:
+        raise InputError(f"--fit-gb must be a positive number of GiB, got {fit_gb:g}")
+    mix = fit_budget(src, recipe_list, user, int(fit_gb * (1 << 30)), context, shard_size)
+    log.info("%s", mix.summary())
+    return mix.plan
 
 
 def _write(plan: Plan, ws: Workspace, method: str, calib_data: Path | None, calib_samples: int,
@@ -150,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the sizes and GPU memory estimate, write nothing")
     p.add_argument("--context", type=int, default=8192,
                    help="context length for the GPU memory estimate (default 8192)")
+    p.add_argument("--fit-gb", type=float, metavar="GIB",
+                   help="choose each MoE layer's routed-expert width (2-8 bits) so the planned GPU "
+                        "memory at --context fits GIB (other modules follow the recipe and rules)")
     p.add_argument("--force", action="store_true",
                    help="replace DST if it is an earlier quantize output (never another folder)")
     p.add_argument("--shard-size", type=parse_size, default=2 << 30,
@@ -171,13 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             _check_paths(src, dst, args.force)
         t0 = time.perf_counter()
-        plan = make_plan(src, recipe_rules(args.recipe), [parse_rule(r) for r in args.rule],
-                         args.shard_size)
+        plan = _plan(src, args.recipe, args.rule, args.shard_size, args.fit_gb, args.context)
         print(size_table(plan, args.context))
         if args.dry_run:
             return 0
         report = write(plan, dst, args.method, args.force, args.calib_data, args.calib_samples,
-                       args.device)
+                       args.device)  # the plan carries --fit-gb's rules
     except KimiVLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from kimivl_local.checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
 from kimivl_local.config import KimiVLConfig
 from kimivl_local.errors import InputError
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
-from kimivl_local.quant.modules import packed_shapes
+from kimivl_local.quant.modules import DENSE_AT_LOAD, packed_shapes
 from kimivl_local.quant.packing import QuantScheme
 from kimivl_local.quant.qconfig import QuantizationConfig
 
@@ -104,9 +104,12 @@ class Plan:
     def gpu_bytes(self, context: int) -> dict[str, int]:
         text = self.config.text
         cache = text.num_hidden_layers * text.latent_dim * 2 * context  # bf16 latent per token
-        return {"weights": self.total_bytes, "latent cache": cache,
+        weights = self.total_bytes + sum(  # the runtime dequantizes these to bf16 at load
+            2 * j.source.numel - j.out_bytes for j in self.quantized
+            if DENSE_AT_LOAD.search(j.module))
+        return {"weights": weights, "latent cache": cache,
                 "activations (allowance)": ACTIVATION_ALLOWANCE,
-                "total": self.total_bytes + cache + ACTIVATION_ALLOWANCE}
+                "total": weights + cache + ACTIVATION_ALLOWANCE}
 
 
 def describe(scheme: QuantScheme | None, dtype: torch.dtype) -> str:

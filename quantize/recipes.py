@@ -2,8 +2,9 @@
 
 A rule is `REGEX=BITS[:GROUP][:sym|asym]`: REGEX is searched in the module name (the checkpoint
 name without `.weight`, e.g. `language_model.model.layers.3.mlp.experts.17.down_proj`); BITS is
-4 or 8, or 16 to keep the checkpoint's dtype; GROUP is 32, 64, 128 or `channel` (default 128 for
-4 bits, channel for 8); symmetric unless `asym`. The first matching rule wins, and `--rule`s are
+2, 3, 4, 5, 6 or 8, or 16 to keep the checkpoint's dtype; GROUP is 32, 64, 128 or `channel`
+(default: 32 for 2 bits, 64 for 3, 128 for 4 to 6, channel for 8: the fewer the levels, the more
+a scale per few weights pays for itself); symmetric unless `asym`. The first matching rule wins, and `--rule`s are
 tried before the recipe's. Routers (`mlp.gate`) always stay in the checkpoint's dtype: the runtime
 computes their top-k in fp32. Linear layers that no rule matches stay in the checkpoint's dtype.
 
@@ -24,7 +25,7 @@ from kimivl_local.quant.packing import QuantScheme
 from kimivl_local.quant.qconfig import ConfigGroup, QuantizationConfig
 
 GROUPS = {"32": 32, "64": 64, "128": 128, "channel": None}
-DEFAULT_GROUP = {4: 128, 8: None}
+DEFAULT_GROUP = {2: 32, 3: 64, 4: 128, 5: 128, 6: 128, 8: None}
 ROUTER = re.compile(r"\.mlp\.gate$")
 
 ROUTED_EXPERTS = r"\.mlp\.experts\.\d+\.(gate|up|down)_proj$"
@@ -81,8 +82,9 @@ def parse_rule(text: str) -> Rule:
     except re.error as exc:
         raise InputError(f"--rule {text!r}: {pattern!r} is not a valid regex ({exc})") from None
     bits, *rest = spec.split(":")
-    if bits not in ("4", "8", "16"):
-        raise InputError(f"--rule {text!r}: BITS must be 4, 8 or 16 (keep), got {bits!r}")
+    if bits not in [str(b) for b in DEFAULT_GROUP] + ["16"]:
+        raise InputError(f"--rule {text!r}: BITS must be 2, 3, 4, 5, 6, 8 or 16 (keep), "
+                         f"got {bits!r}")
     if bits == "16":
         if rest:
             raise InputError(f"--rule {text!r}: 16 keeps the checkpoint's dtype and takes no "

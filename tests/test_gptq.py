@@ -31,7 +31,9 @@ def _problem(seed=0, n=96, k=256, rows=512):
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 128, True), QuantScheme(4, 32, False),
-                                    QuantScheme(8, None, True)])
+                                    QuantScheme(8, None, True), QuantScheme(2, 32, True),
+                                    QuantScheme(3, 64, False), QuantScheme(5, 128, True),
+                                    QuantScheme(6, None, True)])
 def test_gptq_beats_rtn_on_its_own_objective(scheme):
     w, h = _problem()
     packed = gptq_mod.gptq(w, h, scheme, torch.bfloat16)
@@ -43,7 +45,8 @@ def test_gptq_beats_rtn_on_its_own_objective(scheme):
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 64, True), QuantScheme(4, 32, False),
-                                    QuantScheme(8, None, True)])
+                                    QuantScheme(8, None, True), QuantScheme(2, 32, False),
+                                    QuantScheme(3, 64, True), QuantScheme(6, 128, False)])
 def test_gptq_with_a_diagonal_hessian_is_exactly_rtn(scheme):
     # No correlation between inputs: no error to propagate, so every column is plain
     # round-to-nearest with RTN's own group scales.

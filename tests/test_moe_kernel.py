@@ -102,7 +102,11 @@ CASES = [  # (T, E, k, hidden, inter, routing)
 SCHEMES = [  # (w13, w2): symmetric int4 as Kimi ships, asymmetric, int8, mixed, per-channel
     (QuantScheme(4, 32, True), QuantScheme(4, 32, True)),
     (QuantScheme(4, 32, False), QuantScheme(8, None, False)),
-    (QuantScheme(8, 32, True), QuantScheme(4, 32, False))]
+    (QuantScheme(8, 32, True), QuantScheme(4, 32, False)),
+    # the other widths: 3-bit experts as a budget mix picks them, 2/5/6 mixed, asymmetric
+    (QuantScheme(3, 32, True), QuantScheme(3, 32, True)),
+    (QuantScheme(2, 32, False), QuantScheme(6, 32, True)),
+    (QuantScheme(5, 32, True), QuantScheme(2, None, False))]
 
 
 @pytest.mark.parametrize("t,e,k,hidden,inter,mode", CASES)

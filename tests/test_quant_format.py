@@ -8,9 +8,13 @@ from kimivl_local.quant import (CpuQuantWeight, PackedWeight, QuantScheme, conca
                                 dequantize, pack_int32, quantize_rtn, stack_experts, to_cpu_layout,
                                 unpack, unpack_int32)
 from kimivl_local.quant import cpu_layout
+from kimivl_local.quant.packing import BITS
 
 SCHEMES = [QuantScheme(bits, group, sym) for bits in (4, 8) for group in (32, 64, 128, None)
            for sym in (True, False)]
+# The other widths: each with a group, per-channel, symmetric and not.
+LOW_BIT_SCHEMES = [QuantScheme(bits, group, sym) for bits in (2, 3, 5, 6)
+                   for group, sym in ((32, True), (128, False), (None, False), (None, True))]
 
 
 def _ids(s):
@@ -18,13 +22,26 @@ def _ids(s):
     return f"int{s.bits}-{group}-{'sym' if s.symmetric else 'asym'}"
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("shape", [(5, 8), (3, 37), (2, 4, 13)])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", [(5, 8), (3, 37), (2, 4, 13), (7, 32), (1, 1)])
 def test_pack_roundtrip(bits, shape):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     q = torch.randint(lo, hi + 1, shape, dtype=torch.int8)
     assert torch.equal(unpack_int32(pack_int32(q, bits), bits, shape[-1]), q)
     assert torch.equal(unpack_int32(pack_int32(q, bits, dim=-2), bits, shape[-2], dim=-2), q)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_is_a_dense_bit_stream(bits):
+    # Element k at bits k * bits .. of the row's little-endian stream: 3-, 5- and 6-bit values
+    # straddle words; the stream is zero-padded to whole words.
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (2, 45), dtype=torch.int8)
+    words = pack_int32(q, bits)
+    assert words.shape == (2, -(-45 * bits // 32))
+    for row in range(2):
+        stream = sum((w & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(words[row].tolist()))
+        u = [v + (1 << (bits - 1)) for v in q[row].tolist()]
+        assert stream == sum(v << (bits * k) for k, v in enumerate(u))
 
 
 def test_pack_bit_order():
@@ -36,7 +53,7 @@ def test_pack_bit_order():
     assert [w & 0xFFFFFFFF for w in words[0].tolist()] == expect
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+@pytest.mark.parametrize("scheme", SCHEMES + LOW_BIT_SCHEMES, ids=_ids)
 def test_rtn_error_within_one_step(scheme):
     torch.manual_seed(0)
     w = torch.randn(24, 256, dtype=torch.bfloat16)
@@ -50,7 +67,7 @@ def test_rtn_error_within_one_step(scheme):
     assert ((dequantize(p) - w.float()).abs() <= step / 2 * (1 + 1e-6)).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+@pytest.mark.parametrize("scheme", SCHEMES + LOW_BIT_SCHEMES, ids=_ids)
 def test_matches_compressed_tensors(scheme):
     """compressed-tensors' own compressor packs what we pack and decompresses what we wrote."""
     ct = pytest.importorskip("compressed_tensors")
@@ -101,12 +118,13 @@ def test_symmetric_scales_match_compressed_tensors_observer():
 
 
 def test_config_roundtrip_and_rejects():
-    for s in SCHEMES:
+    for s in SCHEMES + LOW_BIT_SCHEMES:
         assert QuantScheme.from_config(s.to_config()) == s
     with pytest.raises(ValueError, match="actorder"):
         QuantScheme.from_config({**SCHEMES[0].to_config(), "actorder": "group"})
-    with pytest.raises(ValueError, match="bits"):
-        QuantScheme(bits=3)
+    for bits in (1, 7, 16):  # compressed-tensors packs 1 and 7 bits too; nothing here runs them
+        with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 5, 6, 8"):
+            QuantScheme(bits=bits)
 
 
 def test_packed_validation_names_the_tensor():
@@ -132,7 +150,7 @@ def test_concat_and_stack():
     assert torch.equal(dequantize(stacked), torch.stack([dequantize(e) for e in experts]))
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+@pytest.mark.parametrize("scheme", SCHEMES + LOW_BIT_SCHEMES, ids=_ids)
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
 def test_cpu_layout_is_lossless(scheme, scale_dtype):
     torch.manual_seed(2)
@@ -145,7 +163,8 @@ def test_cpu_layout_is_lossless(scheme, scale_dtype):
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme(4, 32), QuantScheme(8, 64, False),
-                                    QuantScheme(4, None, False), QuantScheme(8, None)], ids=_ids)
+                                    QuantScheme(4, None, False), QuantScheme(8, None)]
+                         + LOW_BIT_SCHEMES, ids=_ids)
 def test_repack_kernel_matches_torch_converter(scheme, monkeypatch):
     """_C.repack_rows writes the bytes of the torch converter, also for fused sources (gate rows
     then up rows) whose boundary falls inside a 16-row block, and for per-channel K=200."""
@@ -190,7 +209,7 @@ def test_cpu_layout_fp32_scales_become_fp16():
     torch.testing.assert_close(cpu_layout.dequantize(w), dequantize(p), rtol=2 ** -11, atol=0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", BITS)
 def test_cpu_layout_byte_formula(bits):
     """Every byte where the cpu_layout docstring says it is."""
     n, k = 20, 64
@@ -198,21 +217,24 @@ def test_cpu_layout_byte_formula(bits):
     q, scale, zero = unpack(p)
     w = to_cpu_layout(p)
     qw = w.qweight
+    offset = 0 if bits == 8 else 1 << (bits - 1)
+    assert qw.shape[-1] == 64 * bits
     for row in (0, 7, 8, 15, 16, 19):
         b, r = divmod(row, 16)
         for col in range(k):
             c, kk = divmod(col, 32)
-            if bits == 4:
-                half, rest = divmod(kk, 16)
-                i, t = divmod(rest, 4)
-                byte = int(qw[b, c, 64 * i + 4 * r + t])
-                assert (byte >> (4 * half)) & 0xF == int(q[row, col]) + 8
-            else:
-                j, t = divmod(kk, 4)
-                assert int(qw[b, c, 64 * j + 4 * r + t].view(torch.int8)) == int(q[row, col])
+            slot, t = divmod(kk, 4)
+            v, plane0, at = 0, 0, 0
+            for width in cpu_layout.PARTS[bits]:
+                j, i = divmod(slot, width)
+                byte = int(qw[b, c, 64 * (plane0 + i) + 4 * r + t])
+                v |= ((byte >> (width * j)) & ((1 << width) - 1)) << at
+                plane0, at = plane0 + width, at + width
+            stored = int(q[row, col]) + offset
+            assert v == (stored & 0xFF), (row, col)
         for g in range(2):
             assert float(w.scales[b, g, r]) == float(scale[row, g])
-            assert int(w.zeros[b, g, r]) == int(zero[row, g]) + (8 if bits == 4 else 0)
+            assert int(w.zeros[b, g, r]) == int(zero[row, g]) + offset
     assert (w.scales[1, :, 4:] == 0).all()  # padding rows 20..31
 
 

@@ -59,7 +59,9 @@ SHAPES = [  # (N, K, group): N not a multiple of 16, K at a group boundary, K = 
 
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("n,k,group", SHAPES)
-@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+# 2, 3, 5, 6 bits: the other symmetry of each is in test_moe_kernel's schemes.
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False), (2, True),
+                                      (3, False), (5, False), (6, False)])
 def test_against_fp64(isa, m, n, k, group, bits, sym):
     w = make_weight(n, k, bits, group, sym, seed=n + k)
     for dtype in (torch.float32, torch.bfloat16):
@@ -73,7 +75,7 @@ def test_against_fp64(isa, m, n, k, group, bits, sym):
         assert (y.double() - y_true).norm() <= 1e-2 * y_true.norm()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_prefill_rows(isa, bits):
     """M = 512 (many row tiles and column items), fp16 scales, leading batch dims."""
     w = make_weight(72, 256, bits, 128, False, scale_dtype=torch.float16)

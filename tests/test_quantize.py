@@ -64,6 +64,11 @@ def test_recipes_assign_what_the_issue_defines():
     ("lm_head=4:channel:asym", QuantScheme(4, None, False)),
     ("(?=x)a=8:64:sym", QuantScheme(8, 64, True)),  # '=' inside the regex
     ("layers\\.0\\.=16", None),
+    ("experts=2", QuantScheme(2, 32, True)),
+    ("experts=3", QuantScheme(3, 64, True)),
+    ("experts=3:128:asym", QuantScheme(3, 128, False)),
+    ("experts=5", QuantScheme(5, 128, True)),
+    ("experts=6:channel", QuantScheme(6, None, True)),
 ])
 def test_parse_rule(text, scheme):
     rule = recipes.parse_rule(text)
@@ -75,7 +80,8 @@ def test_parse_rule(text, scheme):
     ("experts", "expected REGEX=BITS"),
     ("=4", "expected REGEX=BITS"),
     ("exp(erts=4", "not a valid regex"),
-    ("experts=5", "BITS must be 4, 8 or 16"),
+    ("experts=7", "BITS must be 2, 3, 4, 5, 6, 8 or 16"),
+    ("experts=1", "BITS must be 2, 3, 4, 5, 6, 8 or 16"),
     ("experts=4:96", "GROUP must be one of 32, 64, 128, channel"),
     ("experts=4:128:sideways", "expected sym or asym"),
     ("experts=4:sym:asym", "unexpected 'asym'"),
@@ -293,5 +299,5 @@ def test_cli_entry_point_delegates_to_quantize(tiny128_checkpoint, tmp_path, cap
     assert main(["quantize", str(tiny128_checkpoint), str(tmp_path / "q"), "--dry-run",
                  "--recipe", "experts-int4"]) == 0
     assert re.search(r"routed experts\s+int4 g32", capsys.readouterr().out)
-    assert main(["quantize", str(tiny128_checkpoint), str(tmp_path / "q"), "--rule", "x=3"]) == 2
-    assert "error: --rule 'x=3': BITS must be 4, 8 or 16" in capsys.readouterr().err
+    assert main(["quantize", str(tiny128_checkpoint), str(tmp_path / "q"), "--rule", "x=7"]) == 2
+    assert "error: --rule 'x=7': BITS must be 2, 3, 4, 5, 6, 8 or 16" in capsys.readouterr().err

@@ -10,6 +10,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/parallel.h"
+#include "cpu/qgemm_lowbit.h"
 
 namespace kimivl {
 namespace {
@@ -60,7 +61,8 @@ void quantize_rows(const void* x, DType dt, int64_t n, int64_t k, const ActRows&
 
 void check_weight(const QWeight& w, const char* name) {
   const std::string n(name);
-  check(w.bits == 4 || w.bits == 8, n + ": bits must be 4 or 8, got " + std::to_string(w.bits));
+  check(supported_bits(w.bits),
+        n + ": bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(w.bits));
   check(w.q != nullptr && w.scales != nullptr, n + ": null qweight or scales");
   check(w.scale_dtype == DType::kBFloat16 || w.scale_dtype == DType::kFloat16,
         n + ": scales must be bfloat16 or float16");

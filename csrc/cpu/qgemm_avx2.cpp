@@ -141,5 +141,7 @@ struct Kernel {
 }  // namespace avx2
 }  // namespace kimivl
 
+#include "cpu/qgemm_lowbit_avx2.h"
+
 #define KIMIVL_QGEMM_NS avx2
 #include "cpu/qgemm_impl.h"

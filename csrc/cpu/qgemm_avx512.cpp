@@ -95,5 +95,7 @@ struct Kernel {
 }  // namespace avx512
 }  // namespace kimivl
 
+#include "cpu/qgemm_lowbit_avx512.h"
+
 #define KIMIVL_QGEMM_NS avx512
 #include "cpu/qgemm_impl.h"

@@ -1,11 +1,13 @@
 // The tiling and threading of the quantized matmul and the MoE block, shared by every ISA path.
-// Each ISA file defines `Kernel` (the 16-row block micro-kernel) in an anonymous namespace inside
-// kimivl::KIMIVL_QGEMM_NS, then includes this header: the templates are instantiated per ISA with
+// Each ISA file defines `Kernel` (the 16-row block micro-kernel for int4 and int8) and
+// `LowbitKernel` (2, 3, 5 and 6 bits) in an anonymous namespace inside kimivl::KIMIVL_QGEMM_NS,
+// then includes this header: the templates are instantiated per ISA with
 // that file's flags and have internal linkage, so the linker never merges kernels of two ISAs.
 //
 // Kernel::block<Bits, MR>(q, s, z, w, rows, out) must set out[m][r] (m < MR, r < 16) to
 // sum_k W[16b + r][k] * x_hat_m[k] for the row block b whose bytes start at q, s and z.
 #include <algorithm>
+#include <type_traits>
 
 #include "cpu/parallel.h"
 #include "cpu/qgemm.h"
@@ -20,6 +22,22 @@ namespace {
 
 constexpr int kMaxRows = 4;  // activation rows per micro-kernel call (weights unpacked once)
 
+template <int Bits>
+using KernelFor = std::conditional_t<Bits == 4 || Bits == 8, Kernel, LowbitKernel>;
+
+// f(std::integral_constant<int, bits>) for a width the layout has (qgemm.cpp checked it).
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 // Row block b of expert e of w, for `mr` activation rows.
 template <int Bits>
 void run_block(const QWeight& w, int64_t e, int64_t b, const ActRow* rows, int mr,
@@ -29,10 +47,10 @@ void run_block(const QWeight& w, int64_t e, int64_t b, const ActRow* rows, int m
   const uint16_t* s = w.scales + s_off;
   const int8_t* z = w.zeros ? w.zeros + s_off : nullptr;
   switch (mr) {
-    case 1: Kernel::block<Bits, 1>(q, s, z, w, rows, out); break;
-    case 2: Kernel::block<Bits, 2>(q, s, z, w, rows, out); break;
-    case 3: Kernel::block<Bits, 3>(q, s, z, w, rows, out); break;
-    default: Kernel::block<Bits, 4>(q, s, z, w, rows, out); break;
+    case 1: KernelFor<Bits>::template block<Bits, 1>(q, s, z, w, rows, out); break;
+    case 2: KernelFor<Bits>::template block<Bits, 2>(q, s, z, w, rows, out); break;
+    case 3: KernelFor<Bits>::template block<Bits, 3>(q, s, z, w, rows, out); break;
+    default: KernelFor<Bits>::template block<Bits, 4>(q, s, z, w, rows, out); break;
   }
 }
 
@@ -163,15 +181,12 @@ void moe_down(const MoeArgs& a) {
 }  // namespace
 
 void qgemm(const QGemmArgs& args) {
-  if (args.w.bits == 4) qgemm_bits<4>(args);
-  else qgemm_bits<8>(args);
+  with_bits(args.w.bits, [&](auto b) { qgemm_bits<decltype(b)::value>(args); });
 }
 
 void moe(const MoeArgs& args) {
-  if (args.w13.bits == 4) moe_gate_up<4>(args);
-  else moe_gate_up<8>(args);
-  if (args.w2.bits == 4) moe_down<4>(args);
-  else moe_down<8>(args);
+  with_bits(args.w13.bits, [&](auto b) { moe_gate_up<decltype(b)::value>(args); });
+  with_bits(args.w2.bits, [&](auto b) { moe_down<decltype(b)::value>(args); });
 }
 
 }  // namespace KIMIVL_QGEMM_NS

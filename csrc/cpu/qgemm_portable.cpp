@@ -79,5 +79,7 @@ struct Kernel {
 }  // namespace portable
 }  // namespace kimivl
 
+#include "cpu/qgemm_lowbit_portable.h"
+
 #define KIMIVL_QGEMM_NS portable
 #include "cpu/qgemm_impl.h"

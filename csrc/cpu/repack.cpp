@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "cpu/parallel.h"
+#include "cpu/qgemm_lowbit.h"
 
 namespace kimivl {
 
@@ -12,32 +13,49 @@ namespace {
 
 constexpr int64_t kRows = 16, kChunk = 32;
 
-// The 32 stored values of chunk c of one source row, as on disk (u = q + 2^(bits-1)). Past K
-// they are what the torch converter writes: nibble 0 for int4, q = 0 (u = 128) for int8.
+// The 32 stored values of chunk c of one source row (the kernel's v: u = q + 2^(bits-1) below
+// 8 bits, q in two's complement at 8), read from the on-disk bit stream (value k at bits
+// k * bits ..). Past K they are what the torch converter writes: 0.
 inline void chunk_values(const uint8_t* row, int64_t row_bytes, int64_t c, int64_t k_valid,
-                         int bits, uint8_t u[kChunk]) {
+                         int bits, uint8_t v[kChunk]) {
   const int64_t k0 = c * kChunk;
-  if (bits == 4) {
-    const int64_t b0 = k0 / 2;
-    for (int j = 0; j < kChunk / 2; ++j) {
-      const uint8_t byte = b0 + j < row_bytes ? row[b0 + j] : 0;
-      u[2 * j] = byte & 0xF;
-      u[2 * j + 1] = byte >> 4;
+  const uint32_t mask = (1u << bits) - 1;
+  for (int i = 0; i < kChunk; ++i) {
+    const int64_t k = k0 + i, bit = k * bits, byte = bit / 8;
+    if (k >= k_valid) {
+      v[i] = 0;
+      continue;
     }
-  } else {
-    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(kChunk, row_bytes - k0));
-    std::memcpy(u, row + k0, n);
-    std::memset(u + n, 0x80, kChunk - n);
+    uint32_t window = byte < row_bytes ? row[byte] : 0;
+    if (byte + 1 < row_bytes) window |= static_cast<uint32_t>(row[byte + 1]) << 8;
+    const uint32_t u = (window >> (bit % 8)) & mask;
+    v[i] = static_cast<uint8_t>(bits == 8 ? u ^ 0x80 : u);
   }
-  const uint8_t pad = bits == 4 ? 0 : 0x80;
-  for (int64_t k = std::max<int64_t>(k0, k_valid); k < k0 + kChunk; ++k) u[k - k0] = pad;
+}
+
+// One row's 32 values into its 4-byte lanes of every plane of the chunk (out = chunk + 4r).
+inline void write_planes(const uint8_t v[kChunk], int bits, uint8_t* out) {
+  int plane = 0, offset = 0;
+  for (const int w : {low_part_bits(bits), high_part_bits(bits)}) {
+    if (w == 0) break;
+    const uint32_t mask = (1u << w) - 1;
+    for (int i = 0; i < w; ++i) {
+      for (int t = 0; t < 4; ++t) {
+        uint32_t byte = 0;
+        for (int j = 0; j < 8 / w; ++j) byte |= ((v[4 * (i + w * j) + t] >> offset) & mask) << (w * j);
+        out[64 * (plane + i) + t] = static_cast<uint8_t>(byte);
+      }
+    }
+    plane += w;
+    offset += w;
+  }
 }
 
 }  // namespace
 
 void repack_rows(const uint8_t* src, int64_t src_row_bytes, int64_t rows, int64_t k_valid,
                  int bits, uint8_t* dst, int64_t kc, int64_t row0, int num_threads) {
-  check(bits == 4 || bits == 8, "repack_rows: bits must be 4 or 8");
+  check(supported_bits(bits), "repack_rows: bits must be 2, 3, 4, 5, 6 or 8");
   check(rows >= 0 && row0 >= 0 && kc >= 0 && k_valid >= 0, "repack_rows: negative size");
   check(src_row_bytes * 8 >= std::min(k_valid, kc * kChunk) * bits,
         "repack_rows: source rows are shorter than k_valid values");
@@ -57,18 +75,7 @@ void repack_rows(const uint8_t* src, int64_t src_row_bytes, int64_t rows, int64_
         const int r = static_cast<int>(d % kRows);
         for (int64_t c = 0; c < kc; ++c) {
           chunk_values(row, src_row_bytes, c, k_valid, bits, u);
-          uint8_t* out = block + c * chunk_bytes + 4 * r;
-          if (bits == 4) {
-            // byte 64i + 4r + t = u[4i + t] | u[16 + 4i + t] << 4
-            for (int i = 0; i < 4; ++i)
-              for (int t = 0; t < 4; ++t)
-                out[64 * i + t] = static_cast<uint8_t>(u[4 * i + t] | (u[16 + 4 * i + t] << 4));
-          } else {
-            // byte 64j + 4r + t = q[4j + t] in two's complement, q = u - 128
-            for (int j = 0; j < 8; ++j)
-              for (int t = 0; t < 4; ++t)
-                out[64 * j + t] = static_cast<uint8_t>(u[4 * j + t] ^ 0x80);
-          }
+          write_planes(u, bits, block + c * chunk_bytes + 4 * r);
         }
       }
     }

@@ -11,16 +11,23 @@ With NB = ceil(N / 16) row blocks, KP = K rounded up to 32, KC = KP / 32 chunks,
 (KP for per-channel) and G = KP / g, a weight is three tensors (stacked experts add a leading E):
 
   qweight  uint8 [NB, KC, 64 * bits]  chunk c of block b: rows n = 16b + r (r < 16),
-           k = 32c + ...
-           int4: byte 64i + 4r + t (i < 4, t < 4) = u[n][32c + 4i + t]
-                                                    | u[n][32c + 16 + 4i + t] << 4
-                 with u = q + 8 in [0, 15] (the on-disk unsigned nibble: no sign handling needed)
-           int8: byte 64j + 4r + t (j < 8)        = q[n][32c + 4j + t], two's complement
+           k = 32c + 4s + t (slot s < 8, t < 4). The stored value v is u = q + 2^(bits-1) (the
+           on-disk unsigned code: no sign handling needed) below 8 bits, q in two's complement
+           at 8. v is split into parts of 4, 2 or 1 bits (PARTS: 3 = 2 + 1, 5 = 4 + 1,
+           6 = 4 + 2, else one part), each stored as `width` planes of 64 bytes, the parts'
+           planes one after the other (bits planes in all):
+             plane i of a part of width w at bit offset o (of v), byte 4r + t, bits
+             w*j .. w*j + w - 1 (j < 8 / w) = (v[n][32c + 4(i + w*j) + t] >> o) & (2^w - 1)
+           so one plane shifted and masked gives 16 rows x 4 consecutive k of the part, already
+           at its bit offset: the kernel ORs the parts into bytes of v and feeds them to the
+           same int8 dot products as int4/int8. For int4 this is byte 64i + 4r + t =
+           u[32c + 4i + t] | u[32c + 16 + 4i + t] << 4; for int8 byte 64i + 4r + t = q[32c + 4i + t].
+           Bytes read per weight: bits / 8, so decode time scales with the width.
   scales   bf16 or fp16 [NB, G, 16]   scales[b][g][r] = scale[16b + r][g], kept in the
            checkpoint's 16-bit dtype so the kernel sees exactly the on-disk values (fp32 scales are
            rounded to fp16, or bf16 when outside fp16's normal range: the one lossy step)
-  zeros    int8 [NB, G, 16], asymmetric only: the zero of the stored value, z + 8 (int4, in
-           [0, 15]) or z (int8); symmetric int4 uses the constant 8, symmetric int8 none.
+  zeros    int8 [NB, G, 16], asymmetric only: the zero of the stored value, z + 2^(bits-1) below
+           8 bits, z at 8; symmetric uses the constant 2^(bits-1) below 8 bits, 0 at 8.
 
 W[n][k] = scale * (stored - zero). Rows N..16*NB-1 are padding with scale 0; columns K..KP-1
 (per-channel only) hold 0 and meet zero activations. The activations' per-32 sums turn the zero
@@ -36,15 +43,54 @@ import mmap
 import torch
 
 from .layout import CHUNK, QuantWeight, expect_tensor, padded, scale_dtype_for
-from .packing import PackedWeight, QuantScheme, unpack_int32
+from .packing import BITS, PackedWeight, QuantScheme, unpack_int32
 
 ROWS = 16  # output rows per block; CHUNK (layout.py) = K per chunk and activation block
+SLOTS = CHUNK // 4  # 4 consecutive k per 32-bit lane
+PARTS = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}  # widths of a value's parts
+
+
+def zero_offset(bits: int) -> int:
+    """What the stored value adds to q: 2^(bits-1) (unsigned codes) below 8 bits, 0 at 8."""
+    return 0 if bits == 8 else 1 << (bits - 1)
+
+
+def to_planes(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored values v uint8 [B * 16, KC * 32] -> qweight bytes [B, KC, 64 * bits]."""
+    b, kc = v.shape[0] // ROWS, v.shape[1] // CHUNK
+    v = v.view(b, ROWS, kc, SLOTS, 4).permute(0, 2, 3, 1, 4)  # [b, c, slot, r, t]
+    planes, offset = [], 0
+    for w in PARTS[bits]:
+        part = (v >> offset) & ((1 << w) - 1)
+        part = part.reshape(b, kc, SLOTS // w, w, ROWS, 4)  # slot = w * j + i
+        byte = torch.zeros(b, kc, w, ROWS, 4, dtype=torch.uint8)
+        for j in range(SLOTS // w):
+            byte |= part[:, :, j] << (w * j)
+        planes.append(byte)
+        offset += w
+    return torch.cat(planes, dim=2).reshape(b, kc, 64 * bits)
+
+
+def from_planes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of to_planes for qweight [..., NB, KC, 64 * bits]: stored values
+    [..., NB * 16, KC * 32]."""
+    lead, (nb, kc) = qweight.shape[:-3], qweight.shape[-3:-1]
+    planes = qweight.reshape(-1, nb, kc, bits, ROWS, 4)
+    v = torch.zeros(planes.shape[0], nb, kc, SLOTS, ROWS, 4, dtype=torch.uint8)
+    plane, offset = 0, 0
+    for w in PARTS[bits]:
+        byte = planes[:, :, :, plane:plane + w]  # [x, b, c, i, r, t]
+        fields = torch.stack([(byte >> (w * j)) & ((1 << w) - 1) for j in range(SLOTS // w)], 3)
+        v |= fields.reshape(v.shape) << offset
+        plane, offset = plane + w, offset + w
+    return v.permute(0, 1, 4, 2, 3, 5).reshape(*lead, nb * ROWS, kc * CHUNK)
 
 
 class CpuQuantWeight(QuantWeight):
     """A weight [*, N, K] in the CPU kernel layout (module docstring); leading dim = experts."""
 
     STACKED_DIMS = 4
+    BITS = BITS
 
     def check_tensors(self) -> None:
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (3, 4):
@@ -112,7 +158,7 @@ def fill_rows(dst: CpuQuantWeight, packed: PackedWeight, row0: int = 0,
     _write_rows(scales, row0, packed.weight_scale.to(scales.dtype))
     if zeros is not None:
         zero = unpack_int32(packed.weight_zero_point, s.bits, n, dim=-2)
-        _write_rows(zeros, row0, (zero.to(torch.int16) + (8 if s.bits == 4 else 0)).to(torch.int8))
+        _write_rows(zeros, row0, (zero.to(torch.int16) + zero_offset(s.bits)).to(torch.int8))
 
 
 def to_cpu_layout(packed: PackedWeight) -> CpuQuantWeight:
@@ -154,48 +200,29 @@ def _fill_rows_torch(qweight: torch.Tensor, packed: PackedWeight, row0: int) -> 
     """What `_C.repack_rows` does, in torch (no extension; also its test oracle): the whole
     blocks that rows row0..row0+n-1 touch are rebuilt from their current bytes plus the new rows."""
     bits = packed.scheme.bits
-    nb, kc = qweight.shape[:2]
     n, k = packed.out_features, packed.in_features
     b0, b1 = row0 // ROWS, -(-(row0 + n) // ROWS)
     q = unpack_int32(packed.weight_packed, bits, k)
-    if bits == 4:
-        # stored byte 64i + 4r + t of chunk c = u[32c + 4i + t] | u[32c + 16 + 4i + t] << 4
-        cur = qweight[b0:b1].view(b1 - b0, kc, 4, ROWS, 4)
-        u = torch.stack((cur & 0xF, cur >> 4), dim=2)  # [b, c, half, i, r, t]
-        u = u.permute(0, 4, 1, 2, 3, 5).reshape((b1 - b0) * ROWS, kc * CHUNK)
-        u[row0 - b0 * ROWS:row0 - b0 * ROWS + n] = 0
-        u[row0 - b0 * ROWS:row0 - b0 * ROWS + n, :k] = (q.to(torch.int16) + 8).to(torch.uint8)
-        u = u.view(b1 - b0, ROWS, kc, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)
-        qweight[b0:b1] = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(b1 - b0, kc, 256)
-    else:
-        # stored byte 64j + 4r + t of chunk c = q[32c + 4j + t]
-        cur = qweight[b0:b1].view(torch.int8).view(b1 - b0, kc, 8, ROWS, 4)
-        v = cur.permute(0, 3, 1, 2, 4).reshape((b1 - b0) * ROWS, kc * CHUNK)
-        v[row0 - b0 * ROWS:row0 - b0 * ROWS + n] = 0
-        v[row0 - b0 * ROWS:row0 - b0 * ROWS + n, :k] = q
-        v = v.view(b1 - b0, ROWS, kc, 8, 4).permute(0, 2, 3, 1, 4)
-        qweight[b0:b1] = v.reshape(b1 - b0, kc, 512).view(torch.uint8)
+    v = from_planes(qweight[b0:b1], bits)
+    rows = slice(row0 - b0 * ROWS, row0 - b0 * ROWS + n)
+    v[rows] = 0
+    v[rows, :k] = (q.to(torch.int16) + zero_offset(bits)).to(torch.uint8)  # int8: two's complement
+    qweight[b0:b1] = to_planes(v, bits)
 
 
 def dequantize(w: CpuQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W [*, N, K] from the CPU layout (the torch reference reads the same bytes the kernels do)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     lead = w.qweight.shape[:-3]
-    nb, kc = w.qweight.shape[-3:-1]
-    qw = w.qweight.reshape(-1, nb, kc, w.qweight.shape[-1])
-    if w.bits == 4:
-        b = qw.view(-1, nb, kc, 4, ROWS, 4)
-        u = torch.stack((b & 0xF, b >> 4), dim=3)  # [x, b, c, half, i, r, t]
-        v = u.permute(0, 1, 5, 2, 3, 4, 6).to(acc)
-    else:
-        v = qw.view(torch.int8).view(-1, nb, kc, 8, ROWS, 4).permute(0, 1, 4, 2, 3, 5).to(acc)
-    v = v.reshape(-1, nb * ROWS, kc * CHUNK)
+    nb = w.qweight.shape[-3]
+    v = from_planes(w.qweight, w.bits).reshape(-1, nb * ROWS, w.padded_in_features)
+    v = (v.view(torch.int8) if w.bits == 8 else v).to(acc)
     g = w.scales.shape[-2]
     scale = w.scales.reshape(-1, nb, g, ROWS).transpose(2, 3).reshape(-1, nb * ROWS, g).to(acc)
     if w.zeros is not None:
         zero = w.zeros.reshape(-1, nb, g, ROWS).transpose(2, 3).reshape(-1, nb * ROWS, g).to(acc)
     else:
-        zero = torch.full_like(scale, 8.0 if w.bits == 4 else 0.0)
+        zero = torch.full_like(scale, float(zero_offset(w.bits)))
     out = (v.unflatten(-1, (g, -1)) - zero[..., None]) * scale[..., None]
     out = out.flatten(-2)[:, :w.out_features, :w.in_features]
     return out.reshape(*lead, w.out_features, w.in_features).to(dtype)

@@ -50,6 +50,7 @@ class CudaQuantWeight(QuantWeight):
     """A weight [*, N, K] in the CUDA kernel layout (module docstring); leading dim = experts."""
 
     STACKED_DIMS = 3
+    BITS = (4, 8)
 
     def check_tensors(self) -> None:
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (2, 3):
@@ -67,10 +68,12 @@ class CudaQuantWeight(QuantWeight):
 
 
 def kernel_supports(scheme: QuantScheme, in_features: int) -> bool:
-    """Whether the CUDA kernels take a weight of this scheme and in_features: the group a
-    multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte activation loads).
-    Other weights still convert and run, on the torch reference."""
-    return ((scheme.group_size is None or scheme.group_size % CHUNK == 0)
+    """Whether the CUDA kernels take a weight of this scheme and in_features: 4 or 8 bits, the
+    group a multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte activation
+    loads). Other 4/8-bit weights still convert and run, on the torch reference; other widths
+    are dequantized at load (quant/modules.py)."""
+    return (scheme.bits in CudaQuantWeight.BITS
+            and (scheme.group_size is None or scheme.group_size % CHUNK == 0)
             and in_features % 8 == 0)
 
 

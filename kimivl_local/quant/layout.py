@@ -56,6 +56,7 @@ class QuantWeight:
     in_features: int
 
     STACKED_DIMS: ClassVar[int]  # qweight's number of dimensions when experts are stacked
+    BITS: ClassVar[tuple[int, ...]]  # the widths the layout's kernels take
 
     def __post_init__(self):
         """Check everything once, here, so the ops need not on each call."""
@@ -67,8 +68,9 @@ class QuantWeight:
 
     def check_scalars(self) -> None:
         n, k, bits, group = self.out_features, self.in_features, self.bits, self.group_size
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if bits not in self.BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, self.BITS))} in "
+                             f"{type(self).__name__}, got {bits}")
         if n < 1 or k < 1:
             raise ValueError(f"out_features and in_features must be positive, got {n}, {k}")
         kp = padded(k)

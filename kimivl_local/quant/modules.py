@@ -40,7 +40,7 @@ Expected = dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 # MLA's absorbed decode splits kv_b_proj's weight per head (model/mla.py), so it is dequantized
 # at load, as SGLang does: 2 M parameters per layer.
-_DENSE_AT_LOAD = re.compile(r"\.self_attn\.kv_b_proj$")
+DENSE_AT_LOAD = re.compile(r"\.self_attn\.kv_b_proj$")
 
 
 def packed_shapes(out_features: int, in_features: int,
@@ -274,6 +274,13 @@ class QuantExperts(nn.Module):
         return ops.moe_block(x.contiguous(), weights.float(), ids, self.w13, self.w2)
 
 
+def quant_schemes(module: nn.Module) -> list[QuantScheme]:
+    """The schemes of a QuantLinear or QuantExperts (the experts' quantized projections)."""
+    if isinstance(module, QuantExperts):
+        return [s for s in module.schemes.values() if s is not None]
+    return [module.scheme]
+
+
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -290,7 +297,7 @@ def swap_modules(model: nn.Module, text: TextConfig,
             if scheme is not None:
                 _check_groups(name, scheme, module.in_features)
                 new = QuantLinear(module.in_features, module.out_features, scheme,
-                                  module.bias is not None, bool(_DENSE_AT_LOAD.search(name)))
+                                  module.bias is not None, bool(DENSE_AT_LOAD.search(name)))
         elif isinstance(module, StackedExperts):
             schemes = {p: _expert_scheme(qconfig, name, p, text.n_routed_experts)
                        for p in EXPERT_PROJS}

@@ -6,9 +6,12 @@ experts, packed slice by slice) is stored as these tensors, exactly as compresse
 
   weight_packed      int32 [N, ceil(K * bits / 32)]
       Signed integers q in [-2^(bits-1), 2^(bits-1) - 1] are offset to unsigned u = q + 2^(bits-1)
-      and packed little-end first along K: element k sits at bits (k % (32/bits)) * bits of word
-      k // (32/bits). On a little-endian host that is, for 4 bits, byte j = u[2j] | u[2j+1] << 4,
-      and for 8 bits, byte k = u[k]. K is zero-padded (u = 0) to a whole word.
+      and packed densely, little-end first, along K: element k occupies bits k * bits ..
+      k * bits + bits - 1 of the row's bit stream (bit b of the stream = bit b % 32 of word
+      b // 32), so a 3-, 5- or 6-bit value may straddle two words (compressed-tensors >= 0.12;
+      older releases wasted the leftover bits of each word and are not read). On a little-endian
+      host that is, for 4 bits, byte j = u[2j] | u[2j+1] << 4, and for 8 bits, byte k = u[k].
+      The stream is zero-padded (u = 0) to a whole word.
   weight_scale       [N, G] in the checkpoint's dtype (bf16 for Kimi-VL); G = K / group_size for
                      the "group" strategy, G = 1 for "channel" (one scale per output row).
   weight_zero_point  int32 [ceil(N * bits / 32), G], asymmetric schemes only: the signed zero
@@ -17,7 +20,7 @@ experts, packed slice by slice) is stored as these tensors, exactly as compresse
 
 Dequantization: W[n, k] = (q[n, k] - z[n, k // group_size]) * scale[n, k // group_size]
 (z = 0 when symmetric). RTN parameters follow compressed-tensors' min-max observer:
-symmetric scale = absmax / ((qmax - qmin) / 2), i.e. absmax / 7.5 for int4 and / 127.5 for int8
+symmetric scale = absmax / ((qmax - qmin) / 2), e.g. absmax / 7.5 for int4 and / 127.5 for int8
 (so -absmax maps to qmin and +absmax rounds to qmax); asymmetric scale = (max - min) / (qmax - qmin)
 over a range widened to include 0, z = round(qmin - min / scale);
 zero scales become the scale dtype's eps; q = clamp(round_half_even(w / scale + z), qmin, qmax)
@@ -33,19 +36,20 @@ from dataclasses import dataclass
 import torch
 
 _SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BITS = (2, 3, 4, 5, 6, 8)  # the widths a rule, the format and the CPU kernels take
 
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """bits 4 or 8; group_size 32, 64, 128, ... along K, or None (per-channel); symmetric or not."""
+    """bits one of BITS; group_size 32, 64, 128, ... along K, or None (per-channel); symmetric or not."""
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
         if self.group_size is not None and (self.group_size <= 0 or self.group_size % 8):
             raise ValueError(f"group_size must be a positive multiple of 8 or None (per-channel), "
                              f"got {self.group_size}")
@@ -174,14 +178,21 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         raise RuntimeError("pack-quantized byte views assume a little-endian host")
     if dim in (-2, q.dim() - 2):
         return pack_int32(q.transpose(-1, -2), bits).transpose(-1, -2).contiguous()
-    per_word = 32 // bits
     u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    pad = (-u.shape[-1]) % per_word
-    if pad:
-        u = torch.nn.functional.pad(u, (0, pad))
-    if bits == 4:
-        u = u[..., 0::2] | (u[..., 1::2] << 4)
-    return u.flatten().view(torch.int32).view(*u.shape[:-1], -1)
+    size = u.shape[-1]
+    if bits == 8:
+        stream = u
+    elif bits == 4:
+        u = torch.nn.functional.pad(u, (0, size % 2))
+        stream = u[..., 0::2] | (u[..., 1::2] << 4)
+    else:  # the general bit stream: every value's bits, low first, regrouped 8 to a byte
+        shifts = torch.arange(bits, dtype=torch.uint8)
+        bit = ((u[..., None] >> shifts) & 1).flatten(-2)
+        bit = torch.nn.functional.pad(bit, (0, (-bit.shape[-1]) % 8))
+        stream = (bit.unflatten(-1, (-1, 8)) << torch.arange(8, dtype=torch.uint8)).sum(
+            -1, dtype=torch.uint8)
+    stream = torch.nn.functional.pad(stream, (0, 4 * _words(size, bits) - stream.shape[-1]))
+    return stream.flatten().view(torch.int32).view(*stream.shape[:-1], -1)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> torch.Tensor:
@@ -193,6 +204,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = -1) -> t
     u = packed.contiguous().view(torch.uint8)
     if bits == 4:
         u = torch.stack((u & 0xF, u >> 4), dim=-1).flatten(-2)
+    elif bits != 8:
+        bit = ((u[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten(-2)
+        bit = bit[..., :size * bits].unflatten(-1, (size, bits))
+        u = (bit << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     return (u[..., :size].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 

@@ -1,0 +1,173 @@
+"""Bits 2, 3, 5 and 6 end to end: `quantize` writes them in the pack-quantized format that
+compressed-tensors decompresses exactly, the runtime loads a checkpoint the library's own
+compressor wrote at those widths, and the CPU kernels take them at load."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import kimivl_local
+from kimivl_local.ops import moe_block_reference
+from kimivl_local.quant import modules as quant_modules
+from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
+from kimivl_local.quant.modules import QuantExperts, QuantLinear
+from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
+
+from test_quant_interop import _our_schemes, _shards, _skeleton
+
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import ModelCompressor  # noqa: E402
+from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer  # noqa: E402
+from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,  # noqa: E402
+                                             QuantizationScheme, apply_quantization_config)
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+# Every width beside 4 and 8, grouped, per-channel, symmetric and not.
+RULES = ("mlp\\.experts\\.\\d+\\.(gate|up)_proj=3", "mlp\\.experts\\.\\d+\\.down_proj=2:32:asym",
+         "shared_experts=5:64:asym", "self_attn\\.(q_proj|kv_a_proj_with_mqa)=6:channel",
+         "layers\\.0\\.mlp\\.=5:channel:asym")
+
+
+def test_compressed_tensors_decompresses_every_width_exactly(quantized):
+    folder = quantized("default", *RULES)
+    schemes = _our_schemes(folder)
+    assert {s.bits for s in schemes.values()} == {2, 3, 5, 6, 8}
+    dequantizer = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16)
+    seen = set()
+    for shard in _shards(folder):
+        ours = load_file(shard)
+        for name, tensor in dequantizer.validate(dict(ours)).items():
+            module = name.removesuffix(".weight")
+            if module in schemes:
+                packed = PackedWeight.from_state_dict(ours, schemes[module], module + ".")
+                assert torch.equal(tensor, dequantize(packed, torch.bfloat16)), module
+                seen.add(module)
+    assert seen == set(schemes)
+
+
+def test_runtime_runs_every_width_on_the_cpu_kernels(quantized):
+    from kimivl_local.ops._bridge import kernel
+    if kernel("moe_block") is None:
+        pytest.skip("kimivl_local._C is not built")
+    loaded = kimivl_local.load(quantized("default", *RULES), device="cpu", dtype=torch.float32)
+    layer = loaded.model.language_model.model.layers[1]
+    assert layer.mlp.experts.on_kernel
+    assert (layer.mlp.experts.w13.bits, layer.mlp.experts.w2.bits) == (3, 2)
+    assert layer.self_attn.q_proj.on_kernel and layer.self_attn.q_proj.qweight.bits == 6
+    assert layer.mlp.shared_experts.up_proj.qweight.bits == 5
+    x = torch.randn(2, layer.mlp.experts.w13.in_features)
+    w, i = torch.full((2, 2), 0.5), torch.tensor([[0, 1], [2, 3]])
+    y = layer.mlp.experts(x, w, i)
+    ref = moe_block_reference(x.double(), w, i, layer.mlp.experts.w13, layer.mlp.experts.w2)
+    assert (y.double() - ref).norm() <= 3e-2 * ref.norm()  # int8 activations: ~0.5% per GEMM
+
+
+def _args(bits, group, symmetric):
+    return QuantizationArgs(num_bits=bits, strategy="channel" if group is None else "group",
+                            group_size=group, symmetric=symmetric)
+
+
+def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpoint, tmp_path,
+                                                                monkeypatch):
+    tensors = {}
+    for s in _shards(tiny128_checkpoint):
+        tensors.update(load_file(s))
+    model, rest = _skeleton(tensors)
+    config = QuantizationConfig(config_groups={
+        "group_0": QuantizationScheme(targets=["re:.*mlp\\.experts\\.\\d+\\.(gate|up)_proj$"],
+                                      weights=_args(3, 32, True)),
+        "group_1": QuantizationScheme(targets=["re:.*mlp\\.experts\\.\\d+\\.down_proj$"],
+                                      weights=_args(2, 32, False)),
+        "group_2": QuantizationScheme(targets=["re:.*shared_experts.*"],
+                                      weights=_args(5, 64, False)),
+        "group_3": QuantizationScheme(targets=["re:.*self_attn\\.(q_proj|o_proj)$"],
+                                      weights=_args(6, None, True)),
+    }, ignore=["re:vision_tower.*"])
+    apply_quantization_config(model, config)
+    quantized_modules = {n: m for n, m in model.named_modules() if hasattr(m, "quantization_scheme")}
+    for module in quantized_modules.values():
+        args = module.quantization_scheme.weights
+        w = module.weight.float()
+        w = w.unflatten(-1, (-1, args.group_size)) if args.group_size else w[:, None, :]
+        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+        module.weight_scale.data.copy_(scale)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero)
+    ModelCompressor.from_pretrained_model(model, "pack-quantized").compress_model(model)
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    save_file({**model.state_dict(), **rest}, folder / "model.safetensors", metadata={"format": "pt"})
+    for f in tiny128_checkpoint.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, folder / f.name)
+    ModelCompressor.from_pretrained_model(model, "pack-quantized").update_config(str(folder))
+    bits = {g["weights"]["num_bits"] for g in json.loads((folder / "config.json").read_text())
+            ["quantization_config"]["config_groups"].values()}
+    assert bits == {2, 3, 5, 6}
+
+    monkeypatch.setattr(quant_modules, "kernel", lambda op: op)  # the CPU layout without _C too
+    loaded = kimivl_local.load(folder, device="cpu", dtype=torch.float32).model
+    theirs = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16).process(
+        load_file(folder / "model.safetensors"))
+    checked = 0
+    for name, module in loaded.named_modules():
+        if isinstance(module, QuantLinear):
+            assert module.qweight is not None, name
+            assert torch.equal(cpu_dequantize(module.qweight).bfloat16(),
+                               theirs[f"{name}.weight"]), name
+            checked += 1
+        elif isinstance(module, QuantExperts):
+            inter = module.shapes["gate_proj"][0]
+            w13, w2 = cpu_dequantize(module.w13).bfloat16(), cpu_dequantize(module.w2).bfloat16()
+            for e in range(module.num_experts):
+                for proj, w in (("gate_proj", w13[e, :inter]), ("up_proj", w13[e, inter:]),
+                                ("down_proj", w2[e])):
+                    assert torch.equal(w, theirs[f"{name}.{e}.{proj}.weight"]), (name, e, proj)
+                    checked += 1
+    assert checked == len(quantized_modules)
+
+
+def test_cuda_kernels_take_4_and_8_bits_only():
+    """2, 3, 5 and 6 bits have no CUDA kernel: the module says so before loading (the memory
+    planner then counts the dense weight) and dequantizes at load, never a CudaQuantWeight."""
+    from kimivl_local.quant import cuda_layout
+
+    for bits in (2, 3, 5, 6):
+        assert not cuda_layout.kernel_supports(QuantScheme(bits, 32), 2048)
+        with pytest.raises(ValueError, match="bits must be one of 4, 8 in CudaQuantWeight"):
+            cuda_layout.CudaQuantWeight(torch.zeros(16, 8, dtype=torch.int32),
+                                        torch.zeros(16, 1, dtype=torch.bfloat16), None, bits, 32,
+                                        16, 32)
+    linear = QuantLinear(2048, 64, QuantScheme(3, 64), bias=False)
+    assert linear.resident_bytes(torch.device("cuda"), torch.bfloat16) == 64 * 2048 * 2
+    assert linear.resident_bytes(torch.device("cpu"), torch.bfloat16) < 64 * 2048 // 2
+
+
+@pytest.mark.gpu
+def test_cuda_runs_every_width_dequantized_and_warns(quantized, caplog):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    path = quantized("default", *RULES)
+    with caplog.at_level("WARNING", logger="kimivl_local"):
+        gpu = kimivl_local.load(path, device="cuda", dtype=torch.bfloat16)
+    assert "2/3/5/6-bit layers are dequantized" in caplog.text
+    cpu = kimivl_local.load(path, device="cpu", dtype=torch.float32)
+    gl, cl = gpu.model.language_model.model.layers[1], cpu.model.language_model.model.layers[1]
+    assert gl.mlp.experts.dense is not None and gl.mlp.experts.dense[0].is_cuda
+    want = cpu_dequantize(cl.mlp.experts.w2).bfloat16()
+    assert torch.equal(gl.mlp.experts.dense[2].cpu(), want)
+
+
+def test_info_names_the_widths_without_a_cuda_kernel(quantized):
+    from kimivl_local.info import describe_model, format_info
+
+    model = describe_model(str(quantized("default", *RULES)))
+    assert model["quantized_bits"] == [2, 3, 5, 6, 8]
+    assert model["cuda_dequantized_bits"] == [2, 3, 5, 6]
+    text = format_info({"kimivl_local": "x", "python": "3", "torch": "2", "torch_threads": 1,
+                        "cpu_count": 1, "extension": {"available": False, "error": "none"},
+                        "torch_cuda_devices": [], "model": model})
+    assert "on CUDA int2, int3, int5, int6 have no kernel and are dequantized" in text
