@@ -138,8 +138,7 @@ def _layer_errors(ckpt, layer: int, experts: int) -> list[float]:
     for e in range(min(SAMPLE_EXPERTS, experts)):
         for proj in PROJS:
             name = f"language_model.model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
-            weights.append(ckpt.load(name)[:SAMPLE_ROWS].float())
-            ckpt.release(name)
+            weights.append(ckpt.load(name)[:SAMPLE_ROWS].float())  # owned memory, freed here
     out = []
     for level in LEVELS:
         err = ref = 0.0

@@ -30,7 +30,7 @@ from kimivl_local.config import PreprocessorConfig
 from kimivl_local.loader import fill_parameters
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
 from kimivl_local.model.language import DecoderLayer
-from kimivl_local.model.layers import RMSNorm, RotaryTable, linear
+from kimivl_local.model.layers import RMSNorm, RopeTables, RotaryTable, linear
 from kimivl_local.model.moe import StackedExperts
 from kimivl_local.multimodal import ImageEncoder, build_prompt
 from kimivl_local.processor import ImageProcessor
@@ -87,11 +87,12 @@ def _decoder_layer(plan: Plan, ckpt: Checkpoint, i: int, hidden: list[torch.Tens
     fill_parameters(layer, ckpt, torch.float32, dev, prefix + ".")
     rope = RotaryTable(plan.config.text.qk_rope_head_dim, plan.config.text.rope_theta,
                        plan.config.text.max_position_embeddings)
-    cos_sin = [rope.get(torch.arange(h.shape[0], device=dev)) for h in hidden]
+    tables = [RopeTables(*rope.get(torch.arange(h.shape[0], device=dev)), h.dtype)
+              for h in hidden]
 
     def run() -> list[torch.Tensor]:
         with torch.no_grad():
-            return [layer(h, *cos_sin[j]) for j, h in enumerate(hidden)]
+            return [layer(h, tables[j]) for j, h in enumerate(hidden)]
 
     mine = {m[len(prefix) + 1:]: j for m, j in targets.items() if m.startswith(prefix + ".")}
     if mine:
