@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kimivl_local.errors import InputError
 from kimivl_local.generate import GenerationStats
-from kimivl_local.media import pdf_item, video_item
+from kimivl_local.media import check_item, pdf_item, video_item
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
@@ -95,14 +95,23 @@ def new_turn(text: str, files: list[str], settings: Settings) -> Turn:
     for path in files:
         suffix = os.path.splitext(path)[1].lower()
         if suffix in IMAGE_SUFFIXES:
-            items.append({"type": "image", "image": path})
+            item = {"type": "image", "image": path}
         elif suffix == ".pdf":
-            items.append(pdf_item(path, settings.pdf_pages or None, settings.pdf_text))
+            item = pdf_item(path, settings.pdf_pages or None, settings.pdf_text)
         elif suffix in VIDEO_SUFFIXES:
-            items.append(video_item(path))
+            item = video_item(path)
         else:
             problems.append(f"{os.path.basename(path)}: not a file type the model reads "
                             "(attach images, PDFs or videos)")
+            continue
+        try:  # the same gate as the CLI's: a broken file is refused here, not by the worker
+            check_item(item)
+        except InputError as exc:  # named by the file's own name, never the server's path
+            name = os.path.basename(path)
+            message = str(exc).replace(path, name)
+            problems.append(message if name in message else f"{name}: {message}")
+            continue
+        items.append(item)
     content = items + [{"type": "text", "text": text}] if items else text
     return Turn(text, list(files), content, error="; ".join(problems))
 

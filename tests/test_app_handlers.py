@@ -100,6 +100,7 @@ def test_bad_image_file_is_an_error_in_the_chat_and_left_out_of_history(handlers
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     _, chatbot, turns, _ = send(handlers, [], "Look", [str(bad)])
+    assert not spy  # refused when attached, by the same gate as the CLI's: the model never ran
     assert "not an image" in turns[0].error
     assert chatbot[-1]["content"].startswith("⚠ ")
     assert str(bad) not in chatbot[-1]["content"] and "broken.png" in chatbot[-1]["content"]

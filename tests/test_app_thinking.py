@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("gradio")
 
 from app_support import import_app
+from image_bytes import encoded
+from media_files import write_pdf
 
 chat = import_app("chat")
 handlers_mod = import_app("handlers")
@@ -89,14 +91,19 @@ def test_streaming_reasoning_has_no_answer_marker_yet():
     assert [m["content"] for m in chat.render([turn])] == ["q", "hmm", "…"]
 
 
-def test_pdf_attachment_shows_its_name_and_pages():
+def test_pdf_attachment_shows_its_name_and_pages(tmp_path):
+    # Real files: attachments pass the input gate when the turn is made.
+    pdf = str(write_pdf(tmp_path / "report.pdf", [(200, 100, None)] * 3))
+    cat = tmp_path / "cat.png"
+    cat.write_bytes(encoded("PNG"))
     for pages, text, caption in [("2-3", False, "**report.pdf** · PDF, pages 2-3"),
                                  ("", True, "**report.pdf** · PDF, all pages + text layer")]:
         settings = chat.Settings(pdf_pages=pages, pdf_text=text)
-        turn = chat.new_turn("Sum up", ["/tmp/up/report.pdf", "/tmp/up/cat.png"], settings)
+        turn = chat.new_turn("Sum up", [pdf, str(cat)], settings)
+        assert not turn.error
         shown = chat.render([turn])
         assert shown[0]["content"] == caption
-        assert shown[1]["content"] == {"path": "/tmp/up/cat.png"}
+        assert shown[1]["content"] == {"path": str(cat)}
 
 
 def test_long_prompts_are_folded_short_ones_are_not():
