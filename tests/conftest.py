@@ -4,6 +4,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Where CLI subprocesses start: `python -m`/`-c` put the working directory first on sys.path, and
+# in the repo root the source tree would shadow the installed package (whose kimivl_local.quantize
+# and kimivl_local.app come from setup.py's package_dir).
+CLI_CWD = REPO / "tests"
 
 
 def pytest_report_header(config):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kimivl_local.cli import main
+from conftest import CLI_CWD
 
 EXE = shutil.which("kimivl-local")
 
@@ -14,7 +15,7 @@ EXE = shutil.which("kimivl-local")
 def _run(*args, input_text=None):
     cmd = [EXE] if EXE else [sys.executable, "-m", "kimivl_local.cli"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, input=input_text,
-                          timeout=300)
+                          timeout=300, cwd=CLI_CWD)
 
 
 def test_chat_streams_in_a_terminal(tiny_checkpoint, tmp_path):
@@ -26,7 +27,7 @@ def test_chat_streams_in_a_terminal(tiny_checkpoint, tmp_path):
     cmd = EXE or sys.executable
     args = ["chat", str(tiny_checkpoint), "--max-new-tokens", "12"]
     child = pexpect.spawn(cmd, args if EXE else ["-m", "kimivl_local.cli", *args],
-                          encoding="utf-8", timeout=120, dimensions=(40, 120))
+                          encoding="utf-8", timeout=120, dimensions=(40, 120), cwd=CLI_CWD)
     try:
         child.expect(">>> ")
         child.sendline("Hello, who are you?")

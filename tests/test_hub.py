@@ -15,6 +15,7 @@ import pytest
 pexpect = pytest.importorskip("pexpect")  # drives the CLI at a terminal
 
 from hub_support import FakeHub, repo_from_folder
+from conftest import CLI_CWD
 
 COMMIT = "a" * 40
 COMMIT_V1 = "b" * 40
@@ -54,7 +55,7 @@ def _cli(env, *args, chunk=None, timeout=120):
            if chunk else "")
     code = pre + "import sys; from kimivl_local.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+                          text=True, stdin=subprocess.DEVNULL, timeout=timeout, cwd=CLI_CWD)
 
 
 def _snapshots(env, repo="org/tiny") -> Path:
@@ -137,7 +138,7 @@ def test_offline_mode_is_honoured(hub, env):
 
 def _spawn(env, *args) -> pexpect.spawn:
     return pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli", *args], env=env,
-                         encoding="utf-8", timeout=120, dimensions=(40, 200))
+                         encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=CLI_CWD)
 
 
 @pytest.mark.slow

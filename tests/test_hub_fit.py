@@ -13,6 +13,7 @@ pexpect = pytest.importorskip("pexpect")  # drives the CLI at a terminal
 
 from hub_support import FakeHub, repo_from_folder
 from kimivl_local import fit
+from conftest import CLI_CWD
 
 COMMIT = "c" * 40
 GiB = 1 << 30
@@ -41,7 +42,8 @@ def env(tmp_path, budget):
 
 def _cli(env, *args):
     return subprocess.run([sys.executable, "-m", "kimivl_local.cli", *args], env=env,
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180)
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,
+                          cwd=CLI_CWD)
 
 
 GEN = ["-p", "hi", "--max-new-tokens", "2", "--device", "cpu"]
@@ -59,7 +61,7 @@ def test_no_terminal_no_flag_no_quantize_and_nothing_left(env, tiny_checkpoint, 
 def test_no_at_the_prompt_quantizes_nothing(env, tiny_checkpoint):
     child = pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli", "generate",
                                            str(tiny_checkpoint), *GEN],
-                          env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          env=env, encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=CLI_CWD)
     child.expect(r"Quantize it now\? \[y/N\] ")
     child.sendline("n")
     child.expect("but this machine has")  # the planner's own refusal, as without the offer

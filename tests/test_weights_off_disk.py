@@ -16,6 +16,7 @@ import torch
 import kimivl_local
 from kimivl_local.checkpoint import Checkpoint
 from kimivl_local.errors import CheckpointError
+from conftest import CLI_CWD
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -122,7 +123,7 @@ def test_serve_survives_a_truncated_shard(tmp_path, tiny_checkpoint):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kimivl_local.cli", "serve", str(folder),
                                  "--port", str(port), "--device", "cpu", "--max-context", "256"],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT, cwd=CLI_CWD)
     try:
         _wait_until_up(proc, url, log)
         status, before = _post_chat(url)
