@@ -62,10 +62,12 @@ def test_full_preset_streams_with_bounded_memory(tmp_path):
     # layers and 4 experts. The writer generates 16 M values at a time, so its peak RSS must stay
     # far below the largest tensor's fp32 size (embed_tokens: 1.3 GB) and the 2 GB budget.
     dst = tmp_path / "full"
-    code = ("import resource, sys; from kimivl_local.synthetic import write_checkpoint; "
+    # Peak RSS read from VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a
+    # large test process would be counted as the child's peak.
+    code = ("import re; from kimivl_local.synthetic import write_checkpoint; "
             f"write_checkpoint({str(dst)!r}, preset='full', text_overrides={{'num_hidden_layers': 2,"
             " 'n_routed_experts': 4, 'num_experts_per_tok': 2}, vision_overrides={'num_hidden_layers': 1}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            r"print(re.search(r'VmHWM:\s+(\d+)', open('/proc/self/status').read()).group(1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_mib = int(out.stdout.strip()) / 1024
     assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
