@@ -27,6 +27,7 @@ using KernelFor = std::conditional_t<Bits == 4 || Bits == 8, Kernel, LowbitKerne
 // Activation rows per tile of the loops below (weights unpacked once per tile, then reused).
 constexpr int kMaxRows = std::max(Kernel::kMaxRows, LowbitKernel::kMaxRows);
 
+// K's block<Bits, mr> for a run-time 1 <= mr <= MR.
 template <typename K, int Bits, int MR>
 void block_rows(const uint8_t* q, const uint16_t* s, const int8_t* z, const QWeight& w,
                 const ActRow* rows, int mr, float (*out)[16]) {
