@@ -2,7 +2,7 @@
 and against the machine's read bandwidth, timed round-robin in one process.
 
     python bench/runtime_cpu.py QUANT [BF16] [QUANT BF16 ...] [--steps 48] [--json FILE]
-                                [--image 512x512] [--image-rounds 2]
+                                [--image 512x512] [--image-rounds 2] [--prefill 512]
 
 Each argument is a checkpoint folder. Quantized ones decode with the compiled kernels, bf16 ones
 with --backend reference (torch only). All models are loaded into one process and every round
@@ -16,6 +16,9 @@ counts also give the per-layer figures by difference (for each backend with two 
 
 Also reported, per model: the time of one decode step spent outside the compiled kernels (one
 extra step with every `_C` call timed; Python, torch ops and thread hand-offs between kernels).
+With --prefill N, per model: a fresh N-token text prefill (ppN), best of --prefill-rounds rounds
+interleaved across models, once as the engine runs it (torch's glue between kernels on one
+thread) and once with that glue on torch's own threads (main before issue 15's prefill change).
 With --image WxH, for the first model: the vision tower + projector on a random WxH image, on
 the fast path (bf16 linears where the CPU has AVX512-BF16) and the exact fp32 path
 (KIMIVL_VISION_EXACT=1), best of --image-rounds interleaved rounds, and separately the prefill of
@@ -36,7 +39,8 @@ import torch
 from PIL import Image
 
 import kimivl_local
-from kimivl_local.benchmark import decode_bytes_per_token
+import kimivl_local.generate
+from kimivl_local.benchmark import _text_ids, decode_bytes_per_token
 from kimivl_local.multimodal import build_prompt
 from kimivl_local.ops import _bridge
 from kimivl_local.ops._bridge import set_backend
@@ -113,6 +117,29 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
     return best
 
 
+def prefill_timings(runs: list[dict], n: int, rounds: int) -> None:
+    """r["prefill"] = {"one_thread_glue": best s, "torch_thread_glue": best s} per model."""
+    single = kimivl_local.generate.torch_single_threaded
+    for r in runs:
+        r["prefill"] = {"one_thread_glue": float("inf"), "torch_thread_glue": float("inf")}
+    try:
+        for i in range(rounds):
+            for r in runs:
+                set_backend(r["backend"])
+                ids = _text_ids(r["model"].tokenizer, n)
+                modes = list(r["prefill"])
+                for mode in modes if i % 2 == 0 else modes[::-1]:
+                    kimivl_local.generate.torch_single_threaded = (
+                        single if mode == "one_thread_glue" else contextlib.nullcontext)
+                    r["model"].engine.cache.reset()
+                    t0 = time.perf_counter()
+                    r["model"].engine.prefill(ids)
+                    r["prefill"][mode] = min(r["prefill"][mode], time.perf_counter() - t0)
+    finally:
+        kimivl_local.generate.torch_single_threaded = single
+        set_backend("auto")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
@@ -120,6 +147,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--image", help="also time the vision tower and an image prompt, e.g. 512x512")
     ap.add_argument("--image-rounds", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=0, help="also time an N-token text prefill")
+    ap.add_argument("--prefill-rounds", type=int, default=3)
     args = ap.parse_args()
 
     runs = []
@@ -127,7 +156,8 @@ def main() -> int:
         config = json.loads((Path(path) / "config.json").read_text())
         backend = "auto" if "quantization_config" in config else "reference"
         t0 = time.perf_counter()
-        model = kimivl_local.load(path, device="cpu", max_context=512, backend=backend)
+        model = kimivl_local.load(path, device="cpu", max_context=max(512, args.prefill + 1),
+                                  backend=backend)
         ids = model.tokenizer.encode(PROMPT)
         runs.append({"path": path, "backend": backend, "model": model, "ids": ids,
                      "layers": model.config.text.num_hidden_layers,
@@ -194,6 +224,15 @@ def main() -> int:
             gbps = mib * 2**20 / ms / 1e6 if ms > 0 else float("nan")
             print(f"per layer ({a['layers']} -> {b['layers']} layers), {backend}: {ms:.2f} ms, "
                   f"{mib:.1f} MiB -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% of the ceiling")
+    if args.prefill:
+        prefill_timings(runs, args.prefill, args.prefill_rounds)
+        for r, rec in zip(runs, records):
+            best = r["prefill"]
+            rec.update(prefill_tokens=args.prefill, prefill_s=best["one_thread_glue"],
+                       prefill_torch_thread_glue_s=best["torch_thread_glue"])
+            print(f"{r['path']}: pp{args.prefill} {args.prefill / best['one_thread_glue']:.1f} "
+                  f"tok/s; with torch's glue on torch's threads "
+                  f"{args.prefill / best['torch_thread_glue']:.1f} tok/s")
     image = None
     if args.image:
         size = tuple(int(v) for v in args.image.lower().split("x"))

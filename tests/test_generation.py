@@ -162,3 +162,27 @@ def test_generate_drops_old_thinking_from_history(tiny_model_fp32):
                 {"role": "user", "content": "q2"}]
     rendered = tok.render_chat(_drop_old_thinking(messages))
     assert "long reasoning" not in rendered and "short" in rendered
+
+
+def test_cpu_prefill_runs_torch_on_one_thread_and_restores_it(tiny_model_fp32, monkeypatch):
+    """Prefill runs torch's glue on one thread (kernels keep theirs) and gives the count back,
+    also when the prompt is refused."""
+    engine = Engine(tiny_model_fp32.model, max_context=20)
+    lm = tiny_model_fp32.model.language_model
+    seen, hidden_states = [], lm.hidden_states
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return hidden_states(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "hidden_states", spy)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits, _ = engine.prefill(list(range(10)))
+        assert seen == [1] and torch.isfinite(logits).all() and torch.get_num_threads() == 2
+        with pytest.raises(ContextLengthError):
+            engine.prefill(list(range(25)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -75,6 +75,19 @@ def test_against_fp64(isa, m, n, k, group, bits, sym):
         assert (y.double() - y_true).norm() <= 1e-2 * y_true.norm()
 
 
+@pytest.mark.parametrize("bits,sym", [(4, True), (8, False), (3, True)])
+def test_every_row_count_of_a_tile(isa, bits, sym):
+    """M = 1..17: every micro-kernel row count (up to 8 rows per call on AVX-512, 4 elsewhere)
+    and the tails after full tiles."""
+    w = make_weight(40, 320, bits, 64, sym, seed=bits)
+    x = torch.randn(17, 320, generator=torch.Generator().manual_seed(bits))
+    for m in range(1, 18):
+        y = quant_matmul(x[:m], w)
+        y_exact, tol, _, _ = tolerance(x[:m], w, torch.float32)
+        err = (y.double() - y_exact).abs()
+        assert (err <= tol).all(), f"M={m}: max excess {(err - tol).max():.3g}"
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_prefill_rows(isa, bits):
     """M = 512 (many row tiles and column items), fp16 scales, leading batch dims."""

@@ -35,6 +35,8 @@ inline __m256 load_zeros8(const int8_t* z) {
 constexpr int kPrefetchBytes = 4096;
 
 struct Kernel {
+  static constexpr int kMaxRows = 4;  // activation rows per call
+
   template <int Bits, int MR>
   static void block(const uint8_t* q, const uint16_t* s, const int8_t* z, const QWeight& w,
                     const ActRow* rows, float (*out)[16]) {

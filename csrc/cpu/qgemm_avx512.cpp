@@ -36,9 +36,16 @@ inline __m512 load_zeros16(const int8_t* z) {
 constexpr int kPrefetchBytes = 4096;
 
 struct Kernel {
+  // Up to 8 activation rows per call: each 64-byte weight load then feeds 16 vpdpbusd.
+  static constexpr int kMaxRows = 8;
+
   template <int Bits, int MR>
   static void block(const uint8_t* q, const uint16_t* s, const int8_t* z, const QWeight& w,
                     const ActRow* rows, float (*out)[16]) {
+    // vpdpbusd has a latency of several cycles: with few rows, two accumulator chains per row
+    // (low and high nibbles, or even and odd 4-K slots) keep the unit busy; with many rows the
+    // rows' own chains do, and registers are short.
+    constexpr int C = MR <= 4 ? 2 : 1;
     const int64_t gc = w.group / 32, groups = w.groups();
     const __m512i low4 = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(static_cast<char>(0x80));
     const __m512 offset = _mm512_set1_ps(Bits == 4 ? 0.0f : 128.0f);
@@ -51,8 +58,9 @@ struct Kernel {
       for (int64_t c = g * gc; c < (g + 1) * gc; ++c, q += 64 * Bits) {
         for (int line = 0; line < Bits; ++line)
           _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * line), _MM_HINT_T0);
-        __m512i acc[MR];
-        for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_si512();
+        __m512i acc[C][MR];
+        for (int j = 0; j < C; ++j)
+          for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();
         if constexpr (Bits == 4) {
           for (int i = 0; i < 4; ++i) {
             const __m512i raw = _mm512_loadu_si512(q + 64 * i);
@@ -60,20 +68,22 @@ struct Kernel {
             const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
             for (int m = 0; m < MR; ++m) {
               const int8_t* a = rows[m].q + 32 * c + 4 * i;
-              acc[m] = _mm512_dpbusd_epi32(acc[m], lo, broadcast4(a));
-              acc[m] = _mm512_dpbusd_epi32(acc[m], hi, broadcast4(a + 16));
+              acc[0][m] = _mm512_dpbusd_epi32(acc[0][m], lo, broadcast4(a));
+              acc[C - 1][m] = _mm512_dpbusd_epi32(acc[C - 1][m], hi, broadcast4(a + 16));
             }
           }
         } else {
           for (int j = 0; j < 8; ++j) {
             const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(q + 64 * j), flip);
             for (int m = 0; m < MR; ++m)
-              acc[m] = _mm512_dpbusd_epi32(acc[m], u, broadcast4(rows[m].q + 32 * c + 4 * j));
+              acc[j % C][m] =
+                  _mm512_dpbusd_epi32(acc[j % C][m], u, broadcast4(rows[m].q + 32 * c + 4 * j));
           }
         }
         for (int m = 0; m < MR; ++m) {
+          const __m512i sum = C == 2 ? _mm512_add_epi32(acc[0][m], acc[C - 1][m]) : acc[0][m];
           const __m512 d = _mm512_set1_ps(rows[m].d[c]);
-          accg[m] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(acc[m]), accg[m]);
+          accg[m] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sum), accg[m]);
         }
       }
       float corr[MR];  // activation-only, so summed outside the hot loop

@@ -5,7 +5,8 @@
 // that file's flags and have internal linkage, so the linker never merges kernels of two ISAs.
 //
 // Kernel::block<Bits, MR>(q, s, z, w, rows, out) must set out[m][r] (m < MR, r < 16) to
-// sum_k W[16b + r][k] * x_hat_m[k] for the row block b whose bytes start at q, s and z.
+// sum_k W[16b + r][k] * x_hat_m[k] for the row block b whose bytes start at q, s and z, for MR up
+// to the kernel's kMaxRows (LowbitKernel's may be smaller than Kernel's).
 #include <algorithm>
 #include <type_traits>
 
@@ -20,10 +21,21 @@ namespace kimivl {
 namespace KIMIVL_QGEMM_NS {
 namespace {
 
-constexpr int kMaxRows = 4;  // activation rows per micro-kernel call (weights unpacked once)
-
 template <int Bits>
 using KernelFor = std::conditional_t<Bits == 4 || Bits == 8, Kernel, LowbitKernel>;
+
+// Activation rows per tile of the loops below (weights unpacked once per tile, then reused).
+constexpr int kMaxRows = std::max(Kernel::kMaxRows, LowbitKernel::kMaxRows);
+
+// K's block<Bits, mr> for a run-time 1 <= mr <= MR.
+template <typename K, int Bits, int MR>
+void block_rows(const uint8_t* q, const uint16_t* s, const int8_t* z, const QWeight& w,
+                const ActRow* rows, int mr, float (*out)[16]) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return block_rows<K, Bits, MR - 1>(q, s, z, w, rows, mr, out);
+  }
+  K::template block<Bits, MR>(q, s, z, w, rows, out);
+}
 
 // f(std::integral_constant<int, bits>) for a width the layout has (qgemm.cpp checked it).
 template <typename F>
@@ -46,12 +58,10 @@ void run_block(const QWeight& w, int64_t e, int64_t b, const ActRow* rows, int m
   const int64_t s_off = e * w.expert_s_stride() + b * w.groups() * 16;
   const uint16_t* s = w.scales + s_off;
   const int8_t* z = w.zeros ? w.zeros + s_off : nullptr;
-  switch (mr) {
-    case 1: KernelFor<Bits>::template block<Bits, 1>(q, s, z, w, rows, out); break;
-    case 2: KernelFor<Bits>::template block<Bits, 2>(q, s, z, w, rows, out); break;
-    case 3: KernelFor<Bits>::template block<Bits, 3>(q, s, z, w, rows, out); break;
-    default: KernelFor<Bits>::template block<Bits, 4>(q, s, z, w, rows, out); break;
-  }
+  using K = KernelFor<Bits>;
+  for (int m0 = 0; m0 < mr; m0 += K::kMaxRows)
+    block_rows<K, Bits, K::kMaxRows>(q, s, z, w, rows + m0, std::min(K::kMaxRows, mr - m0),
+                                     out + m0);
 }
 
 int64_t element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }

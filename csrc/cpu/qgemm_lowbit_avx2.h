@@ -27,6 +27,8 @@ inline __m256i part_slot(const __m256i* planes) {
 }
 
 struct LowbitKernel {
+  static constexpr int kMaxRows = 4;  // activation rows per call
+
   template <int Bits>
   static constexpr int kSum16 = std::min(8, 32767 / (2 * 127 * ((1 << Bits) - 1)));
 

@@ -29,6 +29,8 @@ inline __m512i part_slot(const __m512i* planes) {
 }
 
 struct LowbitKernel {
+  static constexpr int kMaxRows = 4;  // activation rows per call
+
   template <int Bits, int MR, int S>
   static inline void dot_slot(const __m512i* planes, const ActRow* rows, int64_t c,
                               __m512i* acc) {

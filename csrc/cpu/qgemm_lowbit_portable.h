@@ -9,6 +9,8 @@ namespace portable {
 namespace {
 
 struct LowbitKernel {
+  static constexpr int kMaxRows = 4;  // activation rows per call
+
   // Row r's stored value at k (< 32) of the chunk at q.
   template <int Bits>
   static int value(const uint8_t* q, int r, int k) {

@@ -38,6 +38,8 @@ float scale_to_float(uint16_t s, DType dt) {
 }
 
 struct Kernel {
+  static constexpr int kMaxRows = 4;  // activation rows per call
+
   template <int Bits, int MR>
   static void block(const uint8_t* q, const uint16_t* s, const int8_t* z, const QWeight& w,
                     const ActRow* rows, float (*out)[16]) {
