@@ -1,0 +1,50 @@
+"""The quantize report's output error on calibration data per module group (RTN and GPTQ)."""
+
+import pytest
+from quantize_support import import_quantize
+
+from kimivl_local.errors import InputError
+
+output_error = import_quantize("output_error")
+plan_mod = import_quantize("plan")
+recipes = import_quantize("recipes")
+qmain = import_quantize("main")
+
+
+def _measure(src, *rules, samples=1):
+    plan = plan_mod.make_plan(src, recipes.recipe_rules("default"),
+                              [recipes.parse_rule(r) for r in rules], 2 << 30)
+    return output_error.measure(plan, None, samples, "cpu")
+
+
+def test_report_gives_output_error_per_group_for_rtn(quantized):
+    import json
+
+    report = json.loads((quantized("default") / "quantization_report.json").read_text())
+    section = report["calibration_errors"]
+    assert section["samples"] == output_error.SAMPLES and section["tokens"] > 0
+    groups = section["groups"]
+    assert {"attention", "dense MLP", "shared experts", "routed experts", "lm_head"} <= set(groups)
+    assert all(0 < e < 1 for e in groups.values()), groups
+    assert set(section["layers"]) == {"0", "1", "2"}
+    assert "routed experts" not in section["layers"]["0"]  # layer 0 is dense
+    assert 0 < section["final_hidden_states"] < 1
+
+
+def test_narrower_experts_raise_only_their_own_error(tiny128_checkpoint):
+    low = _measure(tiny128_checkpoint, r"mlp\.experts=2")
+    high = _measure(tiny128_checkpoint, r"mlp\.experts=8")
+    for group in ("attention", "dense MLP", "shared experts", "lm_head"):
+        assert low["groups"][group] == high["groups"][group], group  # same inputs, same weights
+    assert low["groups"]["routed experts"] > 4 * high["groups"]["routed experts"]
+    assert low["final_hidden_states"] > high["final_hidden_states"]
+
+
+def test_only_quantized_groups_are_measured(tiny128_checkpoint):
+    only = _measure(tiny128_checkpoint, r"layers\.0\.self_attn=4", r"language_model=16")
+    assert set(only["groups"]) == {"attention"}
+    assert set(only["layers"]) == {"0"}
+    assert only["final_hidden_states"] > 0  # layer 0's error reaches the last layer
+    assert _measure(tiny128_checkpoint, samples=0) is None
+    with pytest.raises(InputError, match="--eval-samples must be 0 or more"):
+        qmain.quantize(tiny128_checkpoint, "/nonexistent/never-written", eval_samples=-1)
