@@ -51,10 +51,12 @@ def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: s
     """Quantize checkpoint `src` (folder or cached HF repo id) into folder `dst`; returns the
     report (also written to dst/quantization_report.json). fit_gb: choose the routed experts'
     widths per layer so the planned GPU memory at `context` fits (budget.py); eval_samples:
-    calibration samples for the report's output error per module group (0: skip)."""
+    calibration samples for the report's output error per module group and for fit_gb's
+    sensitivity (0: no report section, and fit_gb uses weight error)."""
     src, dst = resolve_model_path(src), Path(dst).expanduser().absolute()
     _check_paths(src, dst, force)
-    plan = _plan(src, recipe, rules, shard_size, fit_gb, context)
+    plan = _plan(src, recipe, rules, shard_size, fit_gb, context, eval_samples, calib_data,
+                 device)
     return write(plan, dst, method=method, force=force, calib_data=calib_data,
                  calib_samples=calib_samples, device=device, eval_samples=eval_samples)
 
@@ -100,14 +102,17 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
 
 
 def _plan(src: Path, recipe: str, rules: list[str], shard_size: int, fit_gb: float | None,
-          context: int) -> Plan:
+          context: int, eval_samples: int, calib_data: Path | None, device: str | None) -> Plan:
     """The recipe and rules' plan, or with --fit-gb the budget's mix (its summary printed)."""
+    if eval_samples < 0:
+        raise InputError(f"--eval-samples must be 0 or more, got {eval_samples}")
     recipe_list, user = recipe_rules(recipe), [parse_rule(r) for r in rules]
     if fit_gb is None:
         return make_plan(src, recipe_list, user, shard_size)
     if fit_gb <= 0:
         raise InputError(f"--fit-gb must be a positive number of GiB, got {fit_gb:g}")
-    mix = fit_budget(src, recipe_list, user, int(fit_gb * (1 << 30)), context, shard_size)
+    mix = fit_budget(src, recipe_list, user, int(fit_gb * (1 << 30)), context, shard_size,
+                     eval_samples, calib_data, device)
     log.info("%s", mix.summary())
     return mix.plan
 
@@ -188,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPTQ calibration samples (default 64)")
     p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES,
                    help="calibration samples (first %d tokens each) for the report's output error "
-                        "per module group, RTN or GPTQ (default %d; 0 skips it)"
+                        "per module group, RTN or GPTQ, and for --fit-gb's sensitivity (default "
+                        "%d; 0 skips the report's and makes --fit-gb use weight error)"
                         % (MAX_TOKENS, EVAL_SAMPLES))
     p.add_argument("--device", help="GPTQ and output-error device (default: cuda when available, "
                                     "else cpu)")
@@ -203,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             _check_paths(src, dst, args.force)
         t0 = time.perf_counter()
-        plan = _plan(src, args.recipe, args.rule, args.shard_size, args.fit_gb, args.context)
+        plan = _plan(src, args.recipe, args.rule, args.shard_size, args.fit_gb, args.context,
+                     args.eval_samples, args.calib_data, args.device)
         print(size_table(plan, args.context))
         if args.dry_run:
             return 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kimivl_local.checkpoint import Checkpoint
@@ -26,7 +27,7 @@ from kimivl_local.loader import fill_parameters
 from kimivl_local.model.language import DecoderLayer
 from kimivl_local.model.layers import RMSNorm, RopeTables, RotaryTable, linear
 from kimivl_local.model.moe import MoE
-from kimivl_local.quant.packing import PackedWeight, dequantize, quantize_rtn
+from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize, quantize_rtn
 
 from .plan import Job, Plan
 
@@ -83,13 +84,7 @@ def _layer(plan: Plan, ckpt: Checkpoint, i: int, ref: list[torch.Tensor],
     """Decoder layer i: both streams one layer on, and {group: [‖Δy‖², ‖y‖²]} of its modules."""
     prefix = f"language_model.model.layers.{i}"
     mine = {m[len(prefix) + 1:]: j for m, j in targets.items() if m.startswith(prefix + ".")}
-    dev = ref[0].device
-    with torch.device("meta"):
-        layer = DecoderLayer(plan.config.text, i)
-    fill_parameters(layer, ckpt, torch.float32, dev, prefix + ".")
-    rope = RotaryTable(plan.config.text.qk_rope_head_dim, plan.config.text.rope_theta,
-                       plan.config.text.max_position_embeddings)
-    tables = [RopeTables(*rope.get(torch.arange(h.shape[0], device=dev)), h.dtype) for h in ref]
+    layer, tables = _load_layer(plan, ckpt, i, ref)
     modules = _modules(layer, mine)
     calls: dict[str, list] = {name: [] for name in modules}
     hooks = [m.register_forward_hook(lambda mod, args, kwargs, out, n=name:
@@ -112,8 +107,89 @@ def _layer(plan: Plan, ckpt: Checkpoint, i: int, ref: list[torch.Tensor],
     return ref, quant, dict(sums)
 
 
+def _load_layer(plan: Plan, ckpt: Checkpoint, i: int,
+                hidden: list[torch.Tensor]) -> tuple[DecoderLayer, list[RopeTables]]:
+    """Decoder layer i in fp32 on the inputs' device, and the rope tables of each input."""
+    dev = hidden[0].device
+    with torch.device("meta"):
+        layer = DecoderLayer(plan.config.text, i)
+    fill_parameters(layer, ckpt, torch.float32, dev, f"language_model.model.layers.{i}.")
+    text = plan.config.text
+    rope = RotaryTable(text.qk_rope_head_dim, text.rope_theta, text.max_position_embeddings)
+    return layer, [RopeTables(*rope.get(torch.arange(len(h), device=dev)), h.dtype)
+                   for h in hidden]
+
+
 _GROUPS = {"self_attn": "attention", "mlp": "dense MLP", "mlp.shared_experts": "shared experts",
            "mlp.experts": "routed experts"}
+
+
+def expert_sensitivity(plan: Plan, levels: list[QuantScheme], calib_data: Path | None,
+                       n_samples: int, device: str | None) -> dict[int, list[float]]:
+    """--fit-gb's sensitivity: for each MoE layer, the routed experts' output error on
+    calibration tokens at each of `levels` (RTN of its gate, up and down projections):
+    sqrt(Σ ‖w·(ŷ_e(x) - y_e(x))‖² / Σ ‖w·y_e(x)‖²) over the token-expert pairs (x, e, routing
+    weight w) of the SENSITIVITY_EXPERTS experts that receive the most tokens; inputs from the
+    original model."""
+    from .sequential import _calibration_inputs  # the tokenizer and image stack, only when used
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = {j.module: j.source.dtype for j in plan.jobs}
+    ckpt = Checkpoint.open(plan.src)
+    out = {}
+    try:
+        hidden = [h[:MAX_TOKENS] for h in _calibration_inputs(ckpt, plan, calib_data, n_samples,
+                                                              dev)]
+        for i in range(plan.config.text.num_hidden_layers):
+            layer, tables = _load_layer(plan, ckpt, i, hidden)
+            calls = []
+            hook = None
+            if isinstance(layer.mlp, MoE):
+                hook = layer.mlp.experts.register_forward_pre_hook(
+                    lambda mod, args: calls.append(args))
+            with torch.no_grad():
+                try:
+                    hidden = [layer(h, tables[j]) for j, h in enumerate(hidden)]
+                finally:
+                    if hook is not None:
+                        hook.remove()
+                if calls:
+                    dtype = dtypes[f"language_model.model.layers.{i}.mlp.experts.0.gate_proj"]
+                    out[i] = _expert_errors(layer.mlp.experts, calls, levels, dtype)
+    finally:
+        ckpt.close()
+    return out
+
+
+SENSITIVITY_EXPERTS = 8
+
+
+def _expert_errors(experts: nn.Module, calls: list, levels: list[QuantScheme],
+                   dtype: torch.dtype) -> list[float]:
+    """Relative output error at each level of the most-used experts on their routed tokens."""
+    x = torch.cat([c[0] for c in calls])
+    weights, ids = torch.cat([c[1] for c in calls]), torch.cat([c[2] for c in calls])
+    counts = torch.bincount(ids.reshape(-1), minlength=experts.gate_proj.shape[0])
+    chosen = counts.argsort(descending=True, stable=True)[:SENSITIVITY_EXPERTS].tolist()
+    sums = [[0.0, 0.0] for _ in levels]
+    for e in chosen:
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if not len(tok):
+            continue
+        xe, we = x[tok], weights[tok, slot][:, None]
+        w = [getattr(experts, p)[e] for p in ("gate_proj", "up_proj", "down_proj")]
+        y = we * _swiglu(xe, *w)
+        ref = float(y.square().sum())
+        for k, scheme in enumerate(levels):
+            q = [dequantize(quantize_rtn(t.to(dtype), scheme)).to(t.device, t.dtype) for t in w]
+            sums[k][0] += float((we * _swiglu(xe, *q) - y).square().sum())
+            sums[k][1] += ref
+    return [math.sqrt(n / d) if d else 0.0 for n, d in sums]
+
+
+def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+            down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def _modules(layer: DecoderLayer, targets: dict[str, Job]) -> dict[str, nn.Module]:
@@ -171,7 +247,8 @@ def _layer_groups(sums: dict[int, dict[str, list[float]]]) -> dict[str, list[flo
     out = {}
     for k in range(0, len(layers), size):
         run = layers[k:k + size]
-        out[f"routed experts, layers {run[0]}-{run[-1]}"] = [
+        span = f"layer {run[0]}" if len(run) == 1 else f"layers {run[0]}-{run[-1]}"
+        out[f"routed experts, {span}"] = [
             sum(sums[i]["routed experts"][j] for i in run) for j in (0, 1)]
     return out if len(out) > 1 else {}
 
