@@ -17,21 +17,16 @@ namespace kimivl {
 namespace avx512 {
 namespace {
 
-// Slot S of a part of width W whose bits sit at offset O of the value, moved in place, before
-// its mask (16-bit shifts never carry a neighbour byte's bits into the masked field: the field
-// stays inside its byte).
+// Slot S of a part of width W whose bits sit at offset O of the value, in place (16-bit shifts
+// never carry a neighbour byte's bits into the masked field: the field stays inside its byte).
 template <int W, int O, int S>
-inline __m512i part_moved(const __m512i* planes) {
+inline __m512i part_slot(const __m512i* planes) {
   constexpr int pos = W * (S / W);
   const __m512i raw = planes[S % W];
-  if constexpr (O == pos) return raw;
-  else if constexpr (O > pos) return _mm512_slli_epi16(raw, O - pos);
-  else return _mm512_srli_epi16(raw, pos - O);
-}
-
-template <int W, int O>
-inline __m512i part_mask() {
-  return _mm512_set1_epi8(static_cast<char>(((1 << W) - 1) << O));
+  __m512i moved;
+  if constexpr (O >= pos) moved = _mm512_slli_epi16(raw, O - pos);
+  else moved = _mm512_srli_epi16(raw, pos - O);
+  return _mm512_and_si512(moved, _mm512_set1_epi8(static_cast<char>(((1 << W) - 1) << O)));
 }
 
 struct LowbitKernel {
@@ -39,11 +34,8 @@ struct LowbitKernel {
   static inline void dot_slot(const __m512i* planes, const ActRow* rows, int64_t c,
                               __m512i* acc) {
     constexpr int lo = low_part_bits(Bits), hi = high_part_bits(Bits);
-    __m512i v = _mm512_and_si512(part_moved<lo, 0, S>(planes), part_mask<lo, 0>());
-    // v | (high & mask) in one vpternlogd (A | (B & C) is truth table 0xF8)
-    if constexpr (hi > 0)
-      v = _mm512_ternarylogic_epi32(v, part_moved<hi, lo, S>(planes + lo), part_mask<hi, lo>(),
-                                    0xF8);
+    __m512i v = part_slot<lo, 0, S>(planes);
+    if constexpr (hi > 0) v = _mm512_or_si512(v, part_slot<hi, lo, S>(planes + lo));
     for (int m = 0; m < MR; ++m)
       acc[m] = _mm512_dpbusd_epi32(acc[m], v, broadcast4(rows[m].q + 32 * c + 4 * S));
   }
