@@ -27,8 +27,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kimivl_local.errors import InputError
 from kimivl_local.quant.packing import QuantScheme, dequantize, quantize_rtn
 

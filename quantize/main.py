@@ -16,10 +16,10 @@ from kimivl_local.errors import CheckpointError, InputError, KimiVLError
 from kimivl_local.loader import resolve_model_path
 
 from .budget import fit_budget
-from .plan import Plan, make_plan
-from .recipes import RECIPES, parse_rule, recipe_rules
 from .output_error import MAX_TOKENS, measure
 from .output_error import SAMPLES as EVAL_SAMPLES
+from .plan import Plan, make_plan
+from .recipes import RECIPES, parse_rule, recipe_rules
 from .report import GB, build_report, calibration_table, error_table, size_table
 from .destination import REPORT, Destination
 from .writer import MANIFEST, Workspace, check_space, finish, write_shards
@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=2 << 30,
                    help="largest output shard (default 2GiB; also the unit of resumption)")
     p.add_argument("--calib-data", type=Path,
-                   help="GPTQ and output-error calibration: a folder of .txt and image files, or a JSONL file of "
+                   help="calibration for GPTQ, the report's output error and --fit-gb: a folder "
+                        "of .txt and image files, or a JSONL file of "
                         '{"text": ..., "image": path} lines (default: a built-in synthetic set)')
     p.add_argument("--calib-samples", type=int, default=64,
                    help="GPTQ calibration samples (default 64)")
