@@ -67,7 +67,8 @@ def calibration_table(section: dict | None) -> str:
         return ""
     rows = [(g, f"{e:.4f}") for g, e in section["groups"].items()]
     rows.append(("final hidden states", f"{section['final_hidden_states']:.4f}"))
-    return (f"output error on calibration data ({section['samples']} samples, "
+    n = section["samples"]
+    return (f"output error on calibration data ({n} sample{'s' if n != 1 else ''}, "
             f"{section['tokens']} tokens; each group with the original model's inputs):\n"
             + _table([("group", "rel. error")] + rows, left=1))
 

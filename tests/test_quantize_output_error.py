@@ -1,5 +1,7 @@
 """The quantize report's output error on calibration data per module group (RTN and GPTQ)."""
 
+import json
+
 import pytest
 from quantize_support import import_quantize
 
@@ -18,8 +20,6 @@ def _measure(src, *rules, samples=1):
 
 
 def test_report_gives_output_error_per_group_for_rtn(quantized):
-    import json
-
     report = json.loads((quantized("default") / "quantization_report.json").read_text())
     section = report["calibration_errors"]
     assert section["samples"] == output_error.SAMPLES and section["tokens"] > 0
@@ -48,3 +48,15 @@ def test_only_quantized_groups_are_measured(tiny128_checkpoint):
     assert _measure(tiny128_checkpoint, samples=0) is None
     with pytest.raises(InputError, match="--eval-samples must be 0 or more"):
         qmain.quantize(tiny128_checkpoint, "/nonexistent/never-written", eval_samples=-1)
+
+
+def test_cli_prints_the_table_and_eval_samples_0_skips_it(tiny128_checkpoint, tmp_path, capsys):
+    assert qmain.main([str(tiny128_checkpoint), str(tmp_path / "one"), "--eval-samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "output error on calibration data (1 sample," in out and "final hidden states" in out
+    report = json.loads((tmp_path / "one" / "quantization_report.json").read_text())
+    assert report["calibration_errors"]["samples"] == 1
+    assert qmain.main([str(tiny128_checkpoint), str(tmp_path / "none"), "--eval-samples", "0"]) == 0
+    assert "output error on calibration data" not in capsys.readouterr().out
+    report = json.loads((tmp_path / "none" / "quantization_report.json").read_text())
+    assert "calibration_errors" not in report
