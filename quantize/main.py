@@ -71,6 +71,8 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
         raise InputError(f"method must be rtn or gptq, got {method!r}")
     if eval_samples < 0:
         raise InputError(f"--eval-samples must be 0 or more, got {eval_samples}")
+    if calib_data is not None and not Path(calib_data).exists():  # before any shard is written
+        raise InputError(f"--calib-data {calib_data}: no such file or folder")
     calib = {"data": str(calib_data) if calib_data else None, "samples": calib_samples}
     dest = Destination(dst, MANIFEST)
     ws = Workspace(dest.partial,

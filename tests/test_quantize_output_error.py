@@ -50,6 +50,12 @@ def test_only_quantized_groups_are_measured(tiny128_checkpoint):
         qmain.quantize(tiny128_checkpoint, "/nonexistent/never-written", eval_samples=-1)
 
 
+def test_missing_calibration_data_fails_before_writing(tiny128_checkpoint, tmp_path):
+    with pytest.raises(InputError, match="--calib-data .*nowhere: no such file or folder"):
+        qmain.quantize(tiny128_checkpoint, tmp_path / "q", calib_data=tmp_path / "nowhere")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
 def test_cli_prints_the_table_and_eval_samples_0_skips_it(tiny128_checkpoint, tmp_path, capsys):
     assert qmain.main([str(tiny128_checkpoint), str(tmp_path / "one"), "--eval-samples", "1"]) == 0
     out = capsys.readouterr().out
