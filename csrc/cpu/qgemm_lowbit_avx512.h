@@ -1,10 +1,9 @@
 // AVX-512 VNNI micro-kernel for the 2-, 3-, 5- and 6-bit layouts (cpu/qgemm_lowbit.h). Included
 // by qgemm_avx512.cpp after its helpers (broadcast4, load_scales16, load_zeros16,
 // kPrefetchBytes), so it is compiled with that file's flags. Each of the 8 slots of a chunk is
-// rebuilt as 16 rows x 4 unsigned bytes by a shift (none where the field is in place) and a mask
-// per part, the high part merged by one vpternlogd, then takes one vpdpbusd per activation row,
-// as int4 does: the work per chunk is close to int4's while the bytes read are bits / 8 per
-// weight.
+// rebuilt as 16 rows x 4 unsigned bytes by one or two shift+mask (+ or) steps on the planes, then
+// takes one vpdpbusd per activation row, as int4 does: the work per chunk is that of int4 while
+// the bytes read are bits / 8 per weight.
 #pragma once
 #include <immintrin.h>
 
