@@ -6,10 +6,14 @@ LEVELS (a width and group, fewest bytes first: 2 bits at g128 is 2.125 bits per 
 2.5) for all of its experts' gate, up and down projections (the group fitted to the layer's
 input sizes).
 
-Sensitivity (documented choice): for each layer and width, the relative output error of RTN
-quantization for isotropic inputs, ‖Ŵ - W‖ / ‖W‖ (the quantize report's RTN error), measured on
-SAMPLE_EXPERTS experts' gate, up and down weights of that layer (SAMPLE_ROWS rows of each). It is
-not calibration-based: a layer whose inputs are unusually sensitive is not seen. The error of the
+Sensitivity (documented choice): for each layer and width, the routed experts' relative output
+error on calibration data (output_error.expert_sensitivity: eval_samples samples of the
+calibration set, --calib-data or the built-in one, run through the original model layer by
+layer; at each MoE layer the SENSITIVITY_EXPERTS most-used experts are quantized with RTN at
+every level and rerun on their routed tokens). With eval_samples 0 (no calibration pass; fast on
+a large checkpoint) it is the RTN weight error ‖Ŵ - W‖ / ‖W‖ instead, the output error for
+isotropic inputs, on SAMPLE_EXPERTS experts' gate, up and down weights (SAMPLE_ROWS rows each),
+which does not see a layer whose inputs are unusually sensitive. The error of the
 model is taken as the sum over layers of their squared errors (independent noise added to the
 residual stream), so the allocation is a greedy descent from the widest width: repeatedly lower
 by one step the layer whose step adds the least squared error per byte saved (ties: the widest
@@ -21,12 +25,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from kimivl_local.errors import InputError
 from kimivl_local.quant.packing import QuantScheme, dequantize, quantize_rtn
 
+from .output_error import SAMPLES, expert_sensitivity
 from .plan import Plan, describe, make_plan, open_source
 from .recipes import ROUTED_EXPERTS, Rule, fit_group
 
@@ -45,6 +49,7 @@ class Mix:
 
     levels: dict[int, int]  # layer -> index into LEVELS
     errors: dict[int, list[float]]  # layer -> relative error at each level (sensitivity)
+    measured: str  # what the errors are
     plan: Plan
     budget: int
     context: int
@@ -57,7 +62,7 @@ class Mix:
         counts = {i: sum(1 for v in self.levels.values() if v == i) for i in range(len(LEVELS))}
         mix = ", ".join(f"{n} x {describe(LEVELS[i], None)}" for i, n in counts.items() if n)
         lines = [f"--fit-gb {self.budget / (1 << 30):g}: routed experts of the MoE layers: {mix}",
-                 "layer  experts       rel. error (sampled experts, RTN)"]
+                 f"layer  experts       rel. error ({self.measured})"]
         for layer, i in self.levels.items():
             lines.append(f"{layer:5d}  {describe(LEVELS[i], None):12s}  "
                          f"{self.errors[layer][i]:.4f}")
@@ -78,21 +83,30 @@ def layer_rule(layer: int, scheme: QuantScheme, in_features: tuple[int, ...]) ->
 
 
 def fit_budget(src, recipe_rules: list[Rule], user_rules: list[Rule], budget: int, context: int,
-               shard_bytes: int = 2 << 30) -> Mix:
+               shard_bytes: int = 2 << 30, eval_samples: int = SAMPLES,
+               calib_data: Path | None = None, device: str | None = None,
+               errors: dict[int, list[float]] | None = None) -> Mix:
+    """The mix; `errors` (layer -> error at each level, as Mix.errors) skips the measurement."""
     config, ckpt = open_source(src)
     text = config.text
     layers = [i for i in range(text.num_hidden_layers) if i >= text.first_k_dense_replace]
-    if not layers:
-        raise InputError("--fit-gb: this checkpoint has no MoE layers to choose widths for")
-    inter, hidden = text.moe_intermediate_size, text.hidden_size
-    in_features = (hidden, inter)
-    errors = {}
+    measured = "given"
     try:
-        for layer in layers:
-            errors[layer] = _layer_errors(ckpt, layer, text.n_routed_experts)
+        if not layers:
+            raise InputError("--fit-gb: this checkpoint has no MoE layers to choose widths for")
+        if errors is None and eval_samples <= 0:
+            errors = {layer: _layer_errors(ckpt, layer, text.n_routed_experts) for layer in layers}
+            measured = "weight, sampled experts, RTN"
     finally:
         ckpt.close()
-    rules = [{layer: layer_rule(layer, level, in_features) for layer in layers} for level in LEVELS]
+    inter, hidden = text.moe_intermediate_size, text.hidden_size
+    rules = [{layer: layer_rule(layer, level, (hidden, inter)) for layer in layers}
+             for level in LEVELS]
+    if errors is None:
+        errors = expert_sensitivity(make_plan(src, recipe_rules, user_rules, shard_bytes),
+                                    [r[layers[0]].scheme for r in rules], calib_data,
+                                    eval_samples, device)
+        measured = f"output, {eval_samples} calibration samples, RTN"
 
     def plan_for(levels: dict[int, int]) -> Plan:
         return make_plan(src, recipe_rules, list(user_rules) + [rules[i][l] for l, i in levels.items()],
@@ -128,7 +142,7 @@ def fit_budget(src, recipe_rules: list[Rule], user_rules: list[Rule], budget: in
         layer = max((l for l in levels if levels[l] > 0), key=lambda l: levels[l])
         levels[layer] -= 1
         plan = plan_for(levels)
-    return Mix(levels, errors, plan, budget, context)
+    return Mix(levels, errors, measured, plan, budget, context)
 
 
 def _layer_errors(ckpt, layer: int, experts: int) -> list[float]:

@@ -16,9 +16,11 @@ from kimivl_local.errors import CheckpointError, InputError, KimiVLError
 from kimivl_local.loader import resolve_model_path
 
 from .budget import fit_budget
+from .output_error import MAX_TOKENS, measure
+from .output_error import SAMPLES as EVAL_SAMPLES
 from .plan import Plan, make_plan
 from .recipes import RECIPES, parse_rule, recipe_rules
-from .report import GB, build_report, error_table, size_table
+from .report import GB, build_report, calibration_table, error_table, size_table
 from .destination import REPORT, Destination
 from .writer import MANIFEST, Workspace, check_space, finish, write_shards
 
@@ -45,24 +47,32 @@ progress); one run at a time writes a DST (DST.quantize-lock).
 def quantize(src, dst, recipe: str = "default", rules: list[str] = (), method: str = "rtn",
              force: bool = False, shard_size: int = 2 << 30, calib_data: Path | None = None,
              calib_samples: int = 64, device: str | None = None, fit_gb: float | None = None,
-             context: int = 8192) -> dict:
+             context: int = 8192, eval_samples: int = EVAL_SAMPLES) -> dict:
     """Quantize checkpoint `src` (folder or cached HF repo id) into folder `dst`; returns the
     report (also written to dst/quantization_report.json). fit_gb: choose the routed experts'
-    widths per layer so the planned GPU memory at `context` fits (budget.py)."""
+    widths per layer so the planned GPU memory at `context` fits (budget.py); eval_samples:
+    calibration samples for the report's output error per module group and for fit_gb's
+    sensitivity (0: no report section, and fit_gb uses weight error)."""
     src, dst = resolve_model_path(src), Path(dst).expanduser().absolute()
     _check_paths(src, dst, force)
-    plan = _plan(src, recipe, rules, shard_size, fit_gb, context)
+    plan = _plan(src, recipe, rules, shard_size, fit_gb, context, eval_samples, calib_data,
+                 device)
     return write(plan, dst, method=method, force=force, calib_data=calib_data,
-                 calib_samples=calib_samples, device=device)
+                 calib_samples=calib_samples, device=device, eval_samples=eval_samples)
 
 
 def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
-          calib_data: Path | None = None, calib_samples: int = 64, device: str | None = None) -> dict:
+          calib_data: Path | None = None, calib_samples: int = 64, device: str | None = None,
+          eval_samples: int = EVAL_SAMPLES) -> dict:
     """Write `plan` to dst, holding dst's lock: in dst.partial (resumed when a run of the same
     plan and settings left one, only published when that run completed it), renamed to dst when
     complete; returns the report. Any failure is a KimiVLError saying what is kept."""
     if method not in ("rtn", "gptq"):
         raise InputError(f"method must be rtn or gptq, got {method!r}")
+    if eval_samples < 0:
+        raise InputError(f"--eval-samples must be 0 or more, got {eval_samples}")
+    if calib_data is not None and not Path(calib_data).exists():  # before any shard is written
+        raise InputError(f"--calib-data {calib_data}: no such file or folder")
     calib = {"data": str(calib_data) if calib_data else None, "samples": calib_samples}
     dest = Destination(dst, MANIFEST)
     ws = Workspace(dest.partial,
@@ -76,7 +86,7 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
                     ws.open()
                     if not ws.complete:
                         check_space(plan, ws)
-                        _write(plan, ws, method, calib_data, calib_samples, device)
+                        _write(plan, ws, method, calib_data, calib_samples, device, eval_samples)
                     report = json.loads((ws.path / REPORT).read_text(encoding="utf-8"))
                     dest.publish(force)
                 except CheckpointError:
@@ -94,27 +104,31 @@ def write(plan: Plan, dst: Path, method: str = "rtn", force: bool = False,
 
 
 def _plan(src: Path, recipe: str, rules: list[str], shard_size: int, fit_gb: float | None,
-          context: int) -> Plan:
+          context: int, eval_samples: int, calib_data: Path | None, device: str | None) -> Plan:
     """The recipe and rules' plan, or with --fit-gb the budget's mix (its summary printed)."""
+    if eval_samples < 0:
+        raise InputError(f"--eval-samples must be 0 or more, got {eval_samples}")
     recipe_list, user = recipe_rules(recipe), [parse_rule(r) for r in rules]
     if fit_gb is None:
         return make_plan(src, recipe_list, user, shard_size)
     if fit_gb <= 0:
         raise InputError(f"--fit-gb must be a positive number of GiB, got {fit_gb:g}")
-    mix = fit_budget(src, recipe_list, user, int(fit_gb * (1 << 30)), context, shard_size)
+    mix = fit_budget(src, recipe_list, user, int(fit_gb * (1 << 30)), context, shard_size,
+                     eval_samples, calib_data, device)
     log.info("%s", mix.summary())
     return mix.plan
 
 
 def _write(plan: Plan, ws: Workspace, method: str, calib_data: Path | None, calib_samples: int,
-           device: str | None) -> None:
+           device: str | None, eval_samples: int) -> None:
     provider, layers = None, None
     if method == "gptq":  # imported here: it pulls in the tokenizer and image stack
         from .sequential import run_gptq
 
         provider, layers = run_gptq(plan, ws.scratch, calib_data, calib_samples, device)
     errors = write_shards(plan, ws, provider)
-    finish(plan, ws, build_report(plan, errors, method, layers))
+    calibration = measure(plan, calib_data, eval_samples, device, provider)
+    finish(plan, ws, build_report(plan, errors, method, layers, calibration))
     ws.seal()
 
 
@@ -175,11 +189,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=2 << 30,
                    help="largest output shard (default 2GiB; also the unit of resumption)")
     p.add_argument("--calib-data", type=Path,
-                   help="GPTQ calibration: a folder of .txt and image files, or a JSONL file of "
+                   help="calibration for GPTQ, the report's output error and --fit-gb: a folder "
+                        "of .txt and image files, or a JSONL file of "
                         '{"text": ..., "image": path} lines (default: a built-in synthetic set)')
     p.add_argument("--calib-samples", type=int, default=64,
                    help="GPTQ calibration samples (default 64)")
-    p.add_argument("--device", help="GPTQ device (default: cuda when available, else cpu)")
+    p.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES,
+                   help="calibration samples (first %d tokens each) for the report's output error "
+                        "per module group, RTN or GPTQ, and for --fit-gb's sensitivity (default "
+                        "%d; 0 skips the report's and makes --fit-gb use weight error)"
+                        % (MAX_TOKENS, EVAL_SAMPLES))
+    p.add_argument("--device", help="GPTQ and output-error device (default: cuda when available, "
+                                    "else cpu)")
     return p
 
 
@@ -191,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             _check_paths(src, dst, args.force)
         t0 = time.perf_counter()
-        plan = _plan(src, args.recipe, args.rule, args.shard_size, args.fit_gb, args.context)
+        plan = _plan(src, args.recipe, args.rule, args.shard_size, args.fit_gb, args.context,
+                     args.eval_samples, args.calib_data, args.device)
         print(size_table(plan, args.context))
         if args.dry_run:
             return 0
         report = write(plan, dst, args.method, args.force, args.calib_data, args.calib_samples,
-                       args.device)  # the plan carries --fit-gb's rules
+                       args.device, args.eval_samples)  # the plan carries --fit-gb's rules
     except KimiVLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(error_table(report["linear_errors"]))
+    if "calibration_errors" in report:
+        print(calibration_table(report["calibration_errors"]))
     print(f"wrote {dst}: {report['output_bytes'] / GB:.2f} GB from "
           f"{report['source_tensor_bytes'] / GB:.2f} GB ({args.recipe}, {args.method}) in "
           f"{time.perf_counter() - t0:.0f} s")

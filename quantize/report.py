@@ -61,6 +61,18 @@ def error_table(errors: dict[str, float]) -> str:
                      for g, v in by_group.items()], left=1)
 
 
+def calibration_table(section: dict | None) -> str:
+    """The report's output error on calibration data per module group ('' when not measured)."""
+    if not section:
+        return ""
+    rows = [(g, f"{e:.4f}") for g, e in section["groups"].items()]
+    rows.append(("final hidden states", f"{section['final_hidden_states']:.4f}"))
+    n = section["samples"]
+    return (f"output error on calibration data ({n} sample{'s' if n != 1 else ''}, "
+            f"{section['tokens']} tokens; each group with the original model's inputs):\n"
+            + _table([("group", "rel. error")] + rows, left=1))
+
+
 def _table(rows: list[tuple[str, ...]], left: int) -> str:
     """Aligned columns (the first `left` to the left), a rule under the header row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -70,7 +82,8 @@ def _table(rows: list[tuple[str, ...]], left: int) -> str:
 
 
 def build_report(plan: Plan, errors: dict[str, float], method: str,
-                 gptq_layers: dict[str, dict] | None = None) -> dict:
+                 gptq_layers: dict[str, dict] | None = None,
+                 calibration: dict | None = None) -> dict:
     return {
         "method": method,
         "rules": [str(r) for r in plan.rules],
@@ -84,4 +97,5 @@ def build_report(plan: Plan, errors: dict[str, float], method: str,
         "group_fallbacks": fallbacks(plan),
         "linear_errors": {m: round(e, 6) for m, e in sorted(errors.items())},
         **({"gptq_layers": gptq_layers} if gptq_layers else {}),
+        **({"calibration_errors": calibration} if calibration else {}),
     }

@@ -18,6 +18,9 @@ gptq_mod = import_quantize("gptq")
 calibration = import_quantize("calibration")
 qmain = import_quantize("main")
 sequential = import_quantize("sequential")
+output_error = import_quantize("output_error")
+plan_mod = import_quantize("plan")
+recipes = import_quantize("recipes")
 
 
 def _problem(seed=0, n=96, k=256, rows=512):
@@ -101,6 +104,12 @@ def test_gptq_run_layer_by_layer_with_rtn_fallback(starved_source, tmp_path, cap
     for name, layer in layers.items():
         assert layer["gptq"] < layer["rtn"], name  # on the calibration inputs
     assert "mlp.experts.7.down_proj" in layers["layer-001"]["rtn_fallback"]
+    # the report's per-group output error: GPTQ's weights against RTN's, same samples
+    plan = plan_mod.make_plan(starved_source, recipes.recipe_rules("default"), [], 2 << 30)
+    rtn = output_error.measure(plan, None, output_error.SAMPLES, "cpu")["groups"]
+    got = report["calibration_errors"]["groups"]
+    for group in ("attention", "routed experts", "lm_head"):
+        assert got[group] < rtn[group], group
     out, source = Checkpoint.open(dst), Checkpoint.open(starved_source)
     int4 = QuantScheme(4, 128, True)
     for expert, same in ((7, True), (2, False)):

@@ -14,18 +14,48 @@ recipes = import_quantize("recipes")
 qmain = import_quantize("main")
 
 CONTEXT = 512
+_ERRORS = {}
+
+
+def _measured(src):
+    """The mix with room for every width: the calibration sensitivity, measured once."""
+    if src not in _ERRORS:
+        _ERRORS[src] = budget.fit_budget(src, recipes.recipe_rules("default"), [], 1 << 40,
+                                         CONTEXT)
+    return _ERRORS[src]
+
+
+def _sensitivity(src) -> dict[int, list[float]]:
+    return _measured(src).errors
 
 
 def _fit(src, nbytes):
-    return budget.fit_budget(src, recipes.recipe_rules("default"), [], nbytes, CONTEXT)
+    return budget.fit_budget(src, recipes.recipe_rules("default"), [], nbytes, CONTEXT,
+                             errors=_sensitivity(src))
 
 
 def _range(src) -> tuple[int, int]:
     """Planned GPU bytes with every routed expert at int2 g32, and at int8."""
     low = budget.fit_budget(src, recipes.recipe_rules("default"),
-                            [recipes.parse_rule(f"{recipes.ROUTED_EXPERTS}=2")], 1 << 40, CONTEXT)
+                            [recipes.parse_rule(f"{recipes.ROUTED_EXPERTS}=2")], 1 << 40, CONTEXT,
+                            errors=_sensitivity(src))
     return (low.plan.gpu_bytes(CONTEXT)["total"],
             _fit(src, 1 << 40).plan.gpu_bytes(CONTEXT)["total"])
+
+
+def test_sensitivity_is_calibration_output_error(tiny128_checkpoint):
+    errors = _sensitivity(tiny128_checkpoint)
+    assert set(errors) == {1, 2}  # the MoE layers
+    for layer, errs in errors.items():
+        assert len(errs) == len(budget.LEVELS)
+        # fewer bytes, more error: each level's error above the next wider one's
+        assert all(a > b > 0 for a, b in zip(errs, errs[1:])), (layer, errs)
+        assert errs[-1] < 0.02 < 0.1 < errs[0]
+    assert "output, 4 calibration samples" in _measured(tiny128_checkpoint).summary()
+    weight = budget.fit_budget(tiny128_checkpoint, recipes.recipe_rules("default"), [], 1 << 40,
+                               CONTEXT, eval_samples=0)  # the cheap proxy: RTN weight error
+    assert "weight, sampled experts" in weight.summary()
+    assert set(weight.errors) == {1, 2} and weight.errors[1][0] > weight.errors[1][-1]
 
 
 def test_fit_budget_picks_a_mix_within_budget(tiny128_checkpoint):
