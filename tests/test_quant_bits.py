@@ -16,12 +16,12 @@ from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
 from kimivl_local.quant.modules import QuantExperts, QuantLinear
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 
-from test_quant_interop import _our_schemes, _shards, _skeleton
+from test_quant_interop import _args, _our_schemes, _shards, _skeleton
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer  # noqa: E402
-from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,  # noqa: E402
+from compressed_tensors.quantization import (QuantizationConfig,  # noqa: E402
                                              QuantizationScheme, apply_quantization_config)
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
@@ -63,11 +63,6 @@ def test_runtime_runs_every_width_on_the_cpu_kernels(quantized):
     y = layer.mlp.experts(x, w, i)
     ref = moe_block_reference(x.double(), w, i, layer.mlp.experts.w13, layer.mlp.experts.w2)
     assert (y.double() - ref).norm() <= 3e-2 * ref.norm()  # int8 activations: ~0.5% per GEMM
-
-
-def _args(bits, group, symmetric):
-    return QuantizationArgs(num_bits=bits, strategy="channel" if group is None else "group",
-                            group_size=group, symmetric=symmetric)
 
 
 def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpoint, tmp_path,
