@@ -167,7 +167,7 @@ def plan_memory(model: nn.Module, config: KimiVLConfig, dtype: torch.dtype, *, d
         raise MemoryPlanError(f"--cpu-experts must be >= 0, got {cpu_experts}")
     if gpu_memory_gb is not None and gpu_memory_gb <= 0:
         raise MemoryPlanError(f"--gpu-memory must be a positive number of GB, got {gpu_memory_gb}")
-    compute = _resolve_device(device, torch.cuda.is_available() if cuda_available is None
+    compute = resolve_device(device, torch.cuda.is_available() if cuda_available is None
                               else cuda_available)
     moe_layers = [i for i in range(text.num_hidden_layers) if text.is_moe_layer(i)]
     if compute.type == "cpu":
@@ -247,7 +247,8 @@ def _does_not_fit(plan: MemoryPlan, plan_with, moe_layers: int, max_context: int
             f"({plan.summary()}).{fix}")
 
 
-def _resolve_device(device: str, cuda_available: bool) -> torch.device:
+def resolve_device(device: str, cuda_available: bool) -> torch.device:
+    """`--device` (auto, cpu, cuda, cuda:N) as a torch device, or a one-line error."""
     if device == "auto":
         return torch.device("cuda" if cuda_available else "cpu")
     try:

@@ -273,17 +273,9 @@ def main_selftest(device: str, json_path: str | None) -> int:
 
     from .errors import KimiVLError
     from .ext import build_info
+    from .memory_plan import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise KimiVLError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise KimiVLError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise KimiVLError("--device cuda: no CUDA GPU is visible to torch")
+    dev = resolve_device(device, torch.cuda.is_available())
     info = build_info()
     if not info["available"]:
         raise KimiVLError(f"the compiled extension is not installed ({info['error']}): "
