@@ -8,7 +8,8 @@ import sys
 
 from . import hub, model_cache
 from .errors import KimiVLError
-from .prepare import fetch, size
+from .info import format_bytes as size
+from .prepare import fetch
 
 
 def cmd_download(args) -> int:

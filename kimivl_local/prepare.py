@@ -14,9 +14,8 @@ from pathlib import Path
 
 from . import fit, hub, model_cache
 from .errors import KimiVLError
+from .info import format_bytes as size
 from .memory_plan import MemoryPlanError
-
-GB = 1e9
 
 
 def prepare(spec: str, revision: str | None, *, download: bool, fit_flag: bool, options: dict,
@@ -106,10 +105,6 @@ def confirm(question: str) -> bool:
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def size(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _duration(minutes: float) -> str:
