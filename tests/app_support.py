@@ -57,3 +57,18 @@ def running_server(app, startup_timeout: float = 30.0, **config):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def drop_mid_request(base_url: str, partial_request: bytes, caplog, pause: float) -> str:
+    """Send the start of a request, hang up after `pause` seconds, and return the one access-log
+    line the server wrote about it (the test asserts its shape)."""
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(partial_request)
+        time.sleep(pause)
+    deadline = time.monotonic() + 5
+    while not any("disconnected" in r.message for r in caplog.records) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (line,) = [r.message for r in caplog.records if "disconnected" in r.message]
+    return line

@@ -8,14 +8,12 @@ client or serve what the chat does not use are closed. An uploaded image still w
 import json
 import logging
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from app_support import import_app, running_server
+from app_support import drop_mid_request, import_app, running_server
 
 httpx = pytest.importorskip("httpx")
 server = import_app("server")
@@ -149,17 +147,10 @@ def test_is_uploaded_resolves_links_and_dotdot(tmp_path):
 
 def test_an_upload_the_client_drops_is_one_log_line(served, caplog, capfd):
     caplog.set_level(logging.INFO, "kimivl_local")
-    port = int(served[0].rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
-                     b"form-data; boundary=B\r\nContent-Length: 500000\r\n\r\n--B\r\nContent-"
-                     b"Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
-                     + b"x" * 20000)
-        time.sleep(0.3)
-    deadline = time.monotonic() + 5
-    while not any("disconnected" in r.message for r in caplog.records) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (line,) = [r.message for r in caplog.records if "disconnected" in r.message]
+    line = drop_mid_request(
+        served[0], b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
+        b"form-data; boundary=B\r\nContent-Length: 500000\r\n\r\n--B\r\nContent-"
+        b"Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n" + b"x" * 20000,
+        caplog, pause=0.3)
     assert line.startswith("POST /gradio_api/upload 499 ")
     assert "Traceback" not in capfd.readouterr().err

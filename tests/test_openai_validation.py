@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from app_support import import_app, running_server
+from app_support import drop_mid_request, import_app, running_server
 
 httpx = pytest.importorskip("httpx")
 server = import_app("server")
@@ -188,16 +188,9 @@ def test_stalled_clients_are_disconnected(base_url, sent, caplog, capfd):
 
 def test_a_client_that_drops_mid_upload_is_one_log_line(base_url, caplog, capfd):
     caplog.set_level(logging.INFO, "kimivl_local")
-    port = int(base_url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000)
-        time.sleep(0.2)
-    deadline = time.monotonic() + 5
-    while not any("disconnected" in r.message for r in caplog.records) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (line,) = [r.message for r in caplog.records if "disconnected" in r.message]
+    line = drop_mid_request(
+        base_url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000, caplog, pause=0.2)
     assert line.startswith("POST /v1/chat/completions 499 ")
     assert "Traceback" not in capfd.readouterr().err and not any(r.exc_info for r in caplog.records)
 
