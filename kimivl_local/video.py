@@ -31,6 +31,9 @@ SEEK_GAP_S = 10.0
 # Sampling faster than any camera records only repeats frames; the bound keeps the frame count
 # finite (1e308 fps overflowed).
 MAX_FPS = 1000.0
+# Frames of ~256 tokens: 512 of them fill the model's 131072-token context, so more can never be
+# answered; the bound stops a request from decoding (and holding) frames by the thousand first.
+MAX_FRAMES = 512
 
 
 def sample_times(duration: float, fps: float, max_frames: int) -> list[float]:
@@ -51,12 +54,16 @@ def timestamp(seconds: float) -> str:
 
 
 def check_options(fps, max_frames, where: str = "video") -> None:
-    """InputError unless fps is a number in (0, MAX_FPS] and max_frames a positive integer."""
+    """InputError unless fps is a number in (0, MAX_FPS] and max_frames an integer in
+    [1, MAX_FRAMES]."""
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
         raise InputError(f"{where}: fps must be a number above 0 and at most {MAX_FPS:g}, "
                          f"got {fps!r}")
     if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
         raise InputError(f"{where}: max_frames must be a positive integer, got {max_frames!r}")
+    if max_frames > MAX_FRAMES:
+        raise InputError(f"{where}: max_frames must be at most {MAX_FRAMES} (more frames never fit "
+                         f"the model's context), got {max_frames}")
 
 
 def check_video(path: str | os.PathLike, fps: float = DEFAULT_FPS,

@@ -157,6 +157,7 @@ def files(tmp_path_factory):
     (["--video", "clip.mkv", "--fps", "1e308"], "fps must be a number above 0 and at most 1000"),
     (["--fps", "nan"], "fps must be a number"),
     (["--max-frames", "0"], "max_frames must be a positive integer"),
+    (["--max-frames", "100000"], "max_frames must be at most 512"),
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
 ])

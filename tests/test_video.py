@@ -120,7 +120,8 @@ def test_bad_videos_and_options(clip, tmp_path):
                           ({"fps": 1e308}, r"at most 1000, got 1e\+308"),
                           ({"fps": float("nan")}, "fps must be a number"),
                           ({"max_frames": 0}, "max_frames must be a positive integer"),
-                          ({"max_frames": 2.5}, "max_frames must be a positive integer")]:
+                          ({"max_frames": 2.5}, "max_frames must be a positive integer"),
+                          ({"max_frames": 10**9}, "max_frames must be at most 512")]:
         with pytest.raises(InputError, match=says):
             video_items(clip, **options)
 
