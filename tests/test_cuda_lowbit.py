@@ -44,9 +44,11 @@ def kernel_code(words: list[int], bits: int, k: int) -> int:
     """qgemm_lowbit.cuh lowbit_code, statement for statement, on a chunk's words (uint32)."""
     low = 2 if bits <= 3 else 4
     high = bits - low
-    u = (words[k // (32 // low)] >> (low * (k % (32 // low)))) & ((1 << low) - 1)
+    lp = 32 // low
+    u = (words[k // lp] >> (low * (k % lp))) & ((1 << low) - 1)
     if high:
-        u |= ((words[low + k // (32 // high)] >> (high * (k % (32 // high)))) & ((1 << high) - 1)) << low
+        hp = 32 // high
+        u |= ((words[low + k // hp] >> (high * (k % hp))) & ((1 << high) - 1)) << low
     return u
 
 

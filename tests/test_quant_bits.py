@@ -133,8 +133,9 @@ def test_cuda_kernels_take_every_width(monkeypatch):
     monkeypatch.setattr(quant_modules, "kernel", lambda op: op)
     for bits in (2, 3, 5, 6):
         assert cuda_layout.kernel_supports(QuantScheme(bits, 32), 2048)
-        cuda_layout.CudaQuantWeight(torch.zeros(16, bits, dtype=torch.int32),
-                                    torch.zeros(16, 1, dtype=torch.bfloat16), None, bits, 32, 16, 32)
+        scales = torch.zeros(16, 1, dtype=torch.bfloat16)
+        cuda_layout.CudaQuantWeight(torch.zeros(16, bits, dtype=torch.int32), scales, None, bits,
+                                    32, 16, 32)
     linear = QuantLinear(2048, 64, QuantScheme(3, 64), bias=False)
     assert linear.resident_bytes(torch.device("cuda"), torch.bfloat16) < 64 * 2048 // 2
 
@@ -155,10 +156,13 @@ def test_cuda_runs_every_width_on_the_kernels(quantized, caplog):
     gl, cl = gpu.model.language_model.model.layers[1], cpu.model.language_model.model.layers[1]
     assert gl.mlp.experts.on_kernel and (gl.mlp.experts.w13.bits, gl.mlp.experts.w2.bits) == (3, 2)
     assert gl.self_attn.q_proj.on_kernel and gl.self_attn.q_proj.qweight.bits == 6
+    gs, cs = gl.mlp.shared_experts.up_proj, cl.mlp.shared_experts.up_proj
     for ours, theirs in ((gl.mlp.experts.w13, cl.mlp.experts.w13),
-                         (gl.mlp.experts.w2, cl.mlp.experts.w2),
-                         (gl.mlp.shared_experts.up_proj.qweight, cl.mlp.shared_experts.up_proj.qweight)):
+                         (gl.mlp.experts.w2, cl.mlp.experts.w2), (gs.qweight, cs.qweight)):
         assert torch.equal(cuda_layout.dequantize(ours).cpu(), cpu_dequantize(theirs))
+    with caplog.at_level("WARNING", logger="kimivl_local"):  # fp32 has no CUDA kernel
+        kimivl_local.load(path, device="cuda", dtype=torch.float32)
+    assert "2/3/5/6" in caplog.text and "-bit layers on CUDA have no kernel here" in caplog.text
 
 
 def test_info_names_the_widths_on_the_cuda_kernels(quantized):

@@ -37,11 +37,11 @@ Why this layout:
     bytes (0, 1) and (2, 3) under 0x64.
   * 2, 3, 5 and 6 bits keep the same row-major form, a 32-k chunk being `bits` whole words (so
     no chunk straddles a group and, with the parts below, no code straddles a word), but trade
-    the magic-number speed for simplicity: a lane reads one chunk's words and gets each of its 32 codes with compile-time
-    shifts and masks, OR-ing a code's parts together, then converts u - zero exactly through
-    fp32 (csrc/cuda/qgemm_lowbit.cuh). Splitting 3/5/6 bits into 2/1/4-bit parts keeps every
-    field inside one word (a dense bit stream would straddle words), and the bytes read per
-    weight stay bits / 8 (decode is bound by the bytes it reads).
+    the magic-number speed for simplicity: a lane reads one chunk's words and gets each of its
+    32 codes with compile-time shifts and masks, OR-ing a code's parts together, then converts
+    u - zero exactly through fp32 (csrc/cuda/qgemm_lowbit.cuh). Splitting 3/5/6 bits into
+    2/1/4-bit parts keeps every field inside one word (a dense bit stream would straddle
+    words), and the bytes read per weight stay bits / 8 (decode is bound by the bytes it reads).
   * The tensor-core path dequantizes whole 32-K slices of 64 rows into shared memory, so it needs
     nothing more than this row-major form; scales stay [N, G] (row-major, read once per group)
     and are applied in fp32 to the accumulators, so the 16-bit operands are the exact integers
