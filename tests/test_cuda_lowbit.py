@@ -72,6 +72,19 @@ def test_kernel_unpack_reads_the_codes_exactly(bits, sym):
     assert unpack_codes(w)[:, :k].tolist() == codes
 
 
+def test_fp32_magic_conversion_is_exact():
+    """qgemm_lowbit.cuh code_minus_zero: the fp32 with bits 0x4B000000 | u (2^23 + u) minus
+    2^23 + zero is u - zero exactly, for every 6-bit code and zero; and int_pair's fp16/bf16
+    pairs hold every such difference exactly."""
+    u = torch.arange(64, dtype=torch.int64)[:, None].expand(64, 64)
+    zero = torch.arange(64, dtype=torch.float32)[None, :].expand(64, 64)
+    magic = (0x4B000000 | u).to(torch.int32).view(torch.float32)
+    assert torch.equal(magic - (8388608.0 + zero), (u - zero.long()).float())
+    diff = (u - zero.long()).float()
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(diff.to(dtype).float(), diff)
+
+
 def test_documented_bit_positions():
     """u = k mod 2^bits along one chunk: 2 bits -> words 0xE4E4E4E4 (k at bits 2k); 3 bits ->
     the same two low-part words and a high-bit word with bit k = (k mod 8) >> 2."""
