@@ -95,8 +95,8 @@ def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") ->
 
     The on-disk words already hold the unsigned codes along K (8 nibbles or 4 bytes per word,
     natural order, zero-padded), so int8 rows are copied as they are and int4 words get their
-    nibbles permuted; 2, 3, 5 and 6-bit rows (a dense bit stream on disk) are unpacked and
-    repacked into parts (_pack_rows). The conversion runs on the CPU
+    nibbles permuted; 2, 3, 5 and 6-bit rows (a dense bit stream on disk) are read code by code
+    and repacked into parts. The conversion runs on the CPU
     in torch, one expert at a time, and each converted expert is copied into tensors allocated
     on `device` (so the extra host memory is one expert's).
     """
@@ -123,7 +123,7 @@ def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") ->
         at = (e,) if lead else ()
         disk = packed.weight_packed[at].cpu()
         if s.bits in LOWBIT_PARTS:
-            qweight[at].copy_(_pack_rows(unpack_int32(disk, s.bits, k), s.bits, kp))
+            qweight[at].copy_(_pack_parts(_stream_codes(disk, s.bits, kp), s.bits))
         else:
             qweight[at][:, :disk_words].copy_(_permute_nibbles(disk) if s.bits == 4 else disk)
         scales[at].copy_(packed.weight_scale[at].cpu().to(sdtype))
@@ -159,16 +159,37 @@ def _pack_rows(q: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
 
 
 def _pack_parts(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes uint8 [N, KP] -> int32 [N, KP * bits / 32] in the 2/3/5/6-bit layout."""
+    """Unsigned codes uint8 [N, KP] -> int32 [N, KP * bits / 32] in the 2/3/5/6-bit layout,
+    built as little-endian bytes: byte B of a w-bit part's 4w bytes holds k = (8 / w) B + i at
+    bits w i, which is word B // 4, field (8 / w)(B % 4) + i of the module docstring."""
     n, kp = u.shape
-    chunks = u.view(n, kp // 32, 32).to(torch.int64)
-    words, offset = [], 0
+    chunks = u.view(n, kp // 32, 32)
+    parts, offset = [], 0
     for w in LOWBIT_PARTS[bits]:
-        field = ((chunks >> offset) & ((1 << w) - 1)).view(n, kp // 32, w, 32 // w)
-        words.append((field << torch.arange(0, 32, w)).sum(-1))  # disjoint fields: sum = OR
+        field = ((chunks >> offset) & ((1 << w) - 1)).view(n, kp // 32, 4 * w, 8 // w)
+        byte = field[..., 0].clone()
+        for i in range(1, 8 // w):
+            byte |= field[..., i] << (w * i)
+        parts.append(byte)
         offset += w
-    out = torch.cat(words, -1).view(n, kp * bits // 32)
-    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return torch.cat(parts, -1).view(torch.int32).reshape(n, kp * bits // 32)
+
+
+def _stream_codes(disk: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """The unsigned codes uint8 [N, KP] of on-disk rows int32 [N, words] (a dense little-endian
+    bit stream, packing.py; zero past its end): every 8 codes are exactly `bits` bytes, read as
+    one integer and split with shifts."""
+    n = disk.shape[0]
+    stream = disk.contiguous().view(torch.uint8)
+    stream = torch.nn.functional.pad(stream, (0, kp * bits // 8 - stream.shape[1]))
+    octets = stream.view(n, kp // 8, bits).to(torch.int64)
+    value = octets[..., 0].clone()
+    for b in range(1, bits):
+        value |= octets[..., b] << (8 * b)
+    codes = torch.empty(n, kp // 8, 8, dtype=torch.uint8)
+    for i in range(8):
+        codes[..., i] = (value >> (bits * i)) & ((1 << bits) - 1)
+    return codes.view(n, kp)
 
 
 def unpack_codes(w: CudaQuantWeight) -> torch.Tensor:
