@@ -197,6 +197,7 @@ class Session:
             "gpu_tests": (pytest + ["-m", "gpu", "tests", "--ignore=tests/test_gpu_model.py"],
                           {}),
             "cuda_host_tests": (pytest + ["-m", "not gpu", "tests/test_cuda_quant.py",
+                                          "tests/test_cuda_lowbit.py",
                                           "tests/test_cuda_attention.py"], {}),
             "model_tests": (pytest + ["tests/test_gpu_model.py"], {}),
             "attention_bench": ([py, "bench/attention_cases.py", "--device", "cuda", "--budget",

@@ -167,8 +167,9 @@ def format_info(info: dict) -> str:
         if "quantized_bits" in m:
             widths = ", ".join(f"int{b}" for b in m["quantized_bits"])
             slow = m["cuda_dequantized_bits"]
-            lines.append(f"  quantized: {widths}; CPU kernels for all; on CUDA "
-                         + (f"{', '.join(f'int{b}' for b in slow)} have no kernel and are "
-                            "dequantized to the compute dtype at load" if slow
-                            else "all run in the kernels"))
+            fast = [b for b in m["quantized_bits"] if b not in slow]
+            lines.append(f"  quantized: {widths}; CPU kernels for all; CUDA kernels for "
+                         + (", ".join(f"int{b}" for b in fast) or "none")
+                         + (f"; on CUDA {', '.join(f'int{b}' for b in slow)} have no kernel and "
+                            "are dequantized to the compute dtype at load" if slow else ""))
     return "\n".join(lines)

@@ -55,14 +55,17 @@ def load_model(path: Path, dtype: torch.dtype | None = None, device: torch.devic
     _return_freed_memory()
     if quantized:
         fast = sum(m.on_kernel for m in quantized.values())
-        log.info("%d quantized layers: %d in the CPU kernels' layout, %d dequantized to %s at load",
+        log.info("%d quantized layers: %d in a kernel layout, %d dequantized to %s at load",
                  len(quantized), fast, len(quantized) - fast, str(dtype).removeprefix("torch."))
-        slow_bits = sorted({s.bits for m in quantized.values() if not m.on_kernel
-                            for s in quant_schemes(m) if s.bits not in (4, 8)})
-        if slow_bits and any(placement.device_of(n).type == "cuda" for n in quantized):
-            log.warning("the CUDA kernels take 4 and 8 bits only: %s-bit layers are dequantized "
-                        "to %s at load (the memory of the dense weight)",
-                        "/".join(map(str, slow_bits)), str(dtype).removeprefix("torch."))
+        slow_bits = sorted({s.bits for n, m in quantized.items()
+                            if placement.device_of(n).type == "cuda" and not m.on_kernel
+                            and not getattr(m, "dense_at_load", False) for s in quant_schemes(m)})
+        if slow_bits:
+            log.warning("%s-bit layers on CUDA have no kernel here (an fp32 model, a group size "
+                        "not a multiple of 32, in_features not a multiple of 8, or _C built "
+                        "without CUDA) and are dequantized to %s at load (the memory of the "
+                        "dense weight)", "/".join(map(str, slow_bits)),
+                        str(dtype).removeprefix("torch."))
     model.eval()
     return model
 

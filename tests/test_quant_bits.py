@@ -1,6 +1,6 @@
 """Bits 2, 3, 5 and 6 end to end: `quantize` writes them in the pack-quantized format that
 compressed-tensors decompresses exactly, the runtime loads a checkpoint the library's own
-compressor wrote at those widths, and the CPU kernels take them at load."""
+compressor wrote at those widths, and the CPU and CUDA kernels take them at load."""
 
 import json
 import shutil
@@ -125,44 +125,54 @@ def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpo
     assert checked == len(quantized_modules)
 
 
-def test_cuda_kernels_take_4_and_8_bits_only():
-    """2, 3, 5 and 6 bits have no CUDA kernel: the module says so before loading (the memory
-    planner then counts the dense weight) and dequantizes at load, never a CudaQuantWeight."""
+def test_cuda_kernels_take_every_width(monkeypatch):
+    """2 to 8 bits run on the CUDA kernels: the memory planner counts the packed size (where
+    the extension has the CUDA kernels; here faked) and the layout takes every width."""
     from kimivl_local.quant import cuda_layout
 
+    monkeypatch.setattr(quant_modules, "kernel", lambda op: op)
     for bits in (2, 3, 5, 6):
-        assert not cuda_layout.kernel_supports(QuantScheme(bits, 32), 2048)
-        with pytest.raises(ValueError, match="bits must be one of 4, 8 in CudaQuantWeight"):
-            cuda_layout.CudaQuantWeight(torch.zeros(16, 8, dtype=torch.int32),
-                                        torch.zeros(16, 1, dtype=torch.bfloat16), None, bits, 32,
-                                        16, 32)
+        assert cuda_layout.kernel_supports(QuantScheme(bits, 32), 2048)
+        scales = torch.zeros(16, 1, dtype=torch.bfloat16)
+        cuda_layout.CudaQuantWeight(torch.zeros(16, bits, dtype=torch.int32), scales, None, bits,
+                                    32, 16, 32)
     linear = QuantLinear(2048, 64, QuantScheme(3, 64), bias=False)
-    assert linear.resident_bytes(torch.device("cuda"), torch.bfloat16) == 64 * 2048 * 2
-    assert linear.resident_bytes(torch.device("cpu"), torch.bfloat16) < 64 * 2048 // 2
+    assert linear.resident_bytes(torch.device("cuda"), torch.bfloat16) < 64 * 2048 // 2
 
 
 @pytest.mark.gpu
-def test_cuda_runs_every_width_dequantized_and_warns(quantized, caplog):
+def test_cuda_runs_every_width_on_the_kernels(quantized, caplog):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from kimivl_local.ops.quant_matmul import cuda_kernels_available
+    from kimivl_local.quant import cuda_layout
+    if not cuda_kernels_available():
+        pytest.skip("this install's _C was built without the CUDA quant kernels")
     path = quantized("default", *RULES)
     with caplog.at_level("WARNING", logger="kimivl_local"):
         gpu = kimivl_local.load(path, device="cuda", dtype=torch.bfloat16)
-    assert "2/3/5/6-bit layers are dequantized" in caplog.text
+    assert "dequantized" not in caplog.text
     cpu = kimivl_local.load(path, device="cpu", dtype=torch.float32)
     gl, cl = gpu.model.language_model.model.layers[1], cpu.model.language_model.model.layers[1]
-    assert gl.mlp.experts.dense is not None and gl.mlp.experts.dense[0].is_cuda
-    want = cpu_dequantize(cl.mlp.experts.w2).bfloat16()
-    assert torch.equal(gl.mlp.experts.dense[2].cpu(), want)
+    assert gl.mlp.experts.on_kernel and (gl.mlp.experts.w13.bits, gl.mlp.experts.w2.bits) == (3, 2)
+    assert gl.self_attn.q_proj.on_kernel and gl.self_attn.q_proj.qweight.bits == 6
+    gs, cs = gl.mlp.shared_experts.up_proj, cl.mlp.shared_experts.up_proj
+    for ours, theirs in ((gl.mlp.experts.w13, cl.mlp.experts.w13),
+                         (gl.mlp.experts.w2, cl.mlp.experts.w2), (gs.qweight, cs.qweight)):
+        assert torch.equal(cuda_layout.dequantize(ours).cpu(), cpu_dequantize(theirs))
+    with caplog.at_level("WARNING", logger="kimivl_local"):  # fp32 has no CUDA kernel
+        kimivl_local.load(path, device="cuda", dtype=torch.float32)
+    assert "2/3/5/6" in caplog.text and "-bit layers on CUDA have no kernel here" in caplog.text
 
 
-def test_info_names_the_widths_without_a_cuda_kernel(quantized):
+def test_info_names_the_widths_on_the_cuda_kernels(quantized):
     from kimivl_local.info import describe_model, format_info
 
     model = describe_model(str(quantized("default", *RULES)))
     assert model["quantized_bits"] == [2, 3, 5, 6, 8]
-    assert model["cuda_dequantized_bits"] == [2, 3, 5, 6]
+    assert model["cuda_dequantized_bits"] == []
     text = format_info({"kimivl_local": "x", "python": "3", "torch": "2", "torch_threads": 1,
                         "cpu_count": 1, "extension": {"available": False, "error": "none"},
                         "torch_cuda_devices": [], "model": model})
-    assert "on CUDA int2, int3, int5, int6 have no kernel and are dequantized" in text
+    assert ("quantized: int2, int3, int5, int6, int8; CPU kernels for all; CUDA kernels for "
+            "int2, int3, int5, int6, int8\n") in text + "\n"

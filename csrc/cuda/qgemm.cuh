@@ -3,9 +3,11 @@
 // compiled by the host compiler without the CUDA headers, so the stream crosses as an integer.
 //
 // Weight layout: kimivl_local/quant/cuda_layout.py. Row n of an [N, K] weight is KP * bits / 32
-// 32-bit words along K (KP = K rounded up to 32); int4 words hold 8 k in the nibble order
-// [0, 2, 4, 6, 1, 3, 5, 7]; values are unsigned codes u with W = scale * (u - zero) per
-// (row, group); scales [N, G] bf16/fp16, zeros [N, G] uint8 (null: 8 for int4, 128 for int8).
+// 32-bit words along K (KP = K rounded up to 32), `bits` words per 32 k; int4 words hold 8 k in
+// the nibble order [0, 2, 4, 6, 1, 3, 5, 7]; 2, 3, 5 and 6 bits split each code into parts of
+// 4, 2 or 1 bits stored in plain order (qgemm_lowbit.cuh); values are unsigned codes u with
+// W = scale * (u - zero) per (row, group); scales [N, G] bf16/fp16, zeros [N, G] uint8 (null:
+// the constant 2^(bits-1)).
 #pragma once
 #include <cstdint>
 
@@ -30,6 +32,11 @@ struct CudaQWeight {
 
   KIMIVL_HD int64_t words_per_row() const { return kp * bits / 32; }
   KIMIVL_HD int64_t vectors_per_row() const { return kp * bits / 128; }  // 16-byte vectors
+  // The GEMV loop's unit along a row: a 16-byte vector (4, 8 bits) or a 32-k chunk of `bits`
+  // words (2, 3, 5, 6 bits, whose chunks are not whole vectors).
+  KIMIVL_HD int64_t steps_per_row() const {
+    return bits == 4 || bits == 8 ? vectors_per_row() : kp / 32;
+  }
   KIMIVL_HD int64_t groups() const { return kp / group; }
   KIMIVL_HD int64_t expert_q_stride() const { return n * words_per_row(); }  // in words
   KIMIVL_HD int64_t expert_s_stride() const { return n * groups(); }         // in elements

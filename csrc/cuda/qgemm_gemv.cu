@@ -11,9 +11,13 @@
 // magic-number trick to exact fp16 integers u - zero, widens them to fp32 and multiplies with
 // the activations (read as 16-byte / 8-byte vectors, L1-resident since every warp reads the same
 // x); the group's scale multiplies the vector's partial sum. All accumulation is fp32.
+// 2, 3, 5 and 6-bit weights run the same loop with a 32-k chunk (`bits` words of one row and
+// group) as a lane's step instead of a 16-byte vector: its codes unpack with shifts and masks
+// and convert exactly through fp32 (qgemm_lowbit.cuh).
 #include <atomic>
 
 #include "cuda/qgemm_common.cuh"
+#include "cuda/qgemm_lowbit.cuh"
 
 namespace kimivl {
 namespace {
@@ -41,10 +45,10 @@ __device__ __forceinline__ WPtr expert_ptr(const CudaQWeight& w, int64_t e) {
 // K % 8 == 0 (checked on the host), so an activation vector of 8 (int4) or 4 (int8) elements
 // lies entirely below K or entirely at/above it; the latter (KP padding) reads as zero.
 template <typename XT, int BITS, int MT>
-__device__ __forceinline__ void accumulate(const CudaQWeight& w, const WPtr& wp,
-                                           const int64_t (&rows)[R], const bool (&ok)[R],
-                                           const XT* const (&a)[MT], int64_t v0, int64_t v1,
-                                           int lane, float (&acc)[R][MT]) {
+__device__ __forceinline__ void accumulate_vectors(const CudaQWeight& w, const WPtr& wp,
+                                                   const int64_t (&rows)[R], const bool (&ok)[R],
+                                                   const XT* const (&a)[MT], int64_t v0,
+                                                   int64_t v1, int lane, float (&acc)[R][MT]) {
   constexpr int kPerVec = 128 / BITS;  // weights per 16-byte vector: 32 or 16
   constexpr int kPerWord = 32 / BITS;  // 8 or 4
   const int64_t wpr = w.words_per_row();
@@ -117,6 +121,83 @@ __device__ __forceinline__ void accumulate(const CudaQWeight& w, const WPtr& wp,
   }
 }
 
+// accumulate_vectors for 2, 3, 5 and 6 bits: the steps [c0, c1) are 32-k chunks; each chunk
+// is four 8-k pieces, one 16-byte activation load each (K % 8 == 0: a piece lies entirely below
+// K or entirely in the KP padding, which is skipped).
+template <typename XT, int BITS, int MT>
+__device__ __forceinline__ void accumulate_chunks(const CudaQWeight& w, const WPtr& wp,
+                                                  const int64_t (&rows)[R], const bool (&ok)[R],
+                                                  const XT* const (&a)[MT], int64_t c0,
+                                                  int64_t c1, int lane, float (&acc)[R][MT]) {
+  const int64_t wpr = w.words_per_row();
+  const int64_t groups = w.groups();
+  const int default_zero = 1 << (BITS - 1);
+  for (int64_t c = c0 + lane; c < c1; c += 32) {
+    const int64_t k0 = c * 32;
+    const int64_t g = k0 / w.group;
+    uint32_t wv[R][BITS];
+    float scale[R], bias[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (ok[r]) {
+        qg::load_chunk<BITS>(wp.q + rows[r] * wpr + c * BITS, wv[r]);
+        scale[r] = qg::scale_to_float(wp.s[rows[r] * groups + g], w.scale_bf16);
+        bias[r] = qg::lowbit_bias(wp.z ? wp.z[rows[r] * groups + g] : default_zero);
+      } else {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) wv[r][i] = 0;
+        scale[r] = 0.0f;
+        bias[r] = qg::lowbit_bias(0);
+      }
+    }
+    float part[R][MT];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) part[r][m] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // 8-k pieces
+      const int64_t kk = k0 + 8 * j;
+      if (kk >= w.k) break;  // this piece and the rest of the chunk are KP padding
+      float wf[R][8];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          wf[r][i] = qg::code_minus_zero(qg::lowbit_code<BITS>(wv[r], 8 * j + i), bias[r]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (a[m] == nullptr) continue;
+        const uint4 xv = qg::ldg16(a[m] + kk);
+        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 xf = XType<XT>::pair(xw[i]);
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            part[r][m] = fmaf(wf[r][2 * i], xf.x, fmaf(wf[r][2 * i + 1], xf.y, part[r][m]));
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+  }
+}
+
+// The lane's share of rows x activations over its steps [v0, v1) (steps_per_row() units).
+template <typename XT, int BITS, int MT>
+__device__ __forceinline__ void accumulate(const CudaQWeight& w, const WPtr& wp,
+                                           const int64_t (&rows)[R], const bool (&ok)[R],
+                                           const XT* const (&a)[MT], int64_t v0, int64_t v1,
+                                           int lane, float (&acc)[R][MT]) {
+  if constexpr (qg::is_lowbit(BITS))
+    accumulate_chunks<XT, BITS, MT>(w, wp, rows, ok, a, v0, v1, lane, acc);
+  else
+    accumulate_vectors<XT, BITS, MT>(w, wp, rows, ok, a, v0, v1, lane, acc);
+}
+
 // This warp's rows-group and K split; every warp of a rows-group covers [v0, v1).
 struct Split {
   int group;  // rows-group within the block, < kWarps / ks
@@ -163,7 +244,7 @@ template <typename XT, int BITS, int MT>
 __global__ void __launch_bounds__(kThreads)
     gemv_dense_kernel(CudaQWeight w, const XT* __restrict__ x, int64_t m_rows,
                       XT* __restrict__ y, int ks) {
-  const Split sp = warp_split(ks, w.vectors_per_row());
+  const Split sp = warp_split(ks, w.steps_per_row());
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (kWarps / ks) + sp.group) * R;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 8;
   int64_t rows[R];
@@ -199,7 +280,7 @@ __global__ void __launch_bounds__(kThreads)
   const int e = ids[p];
   if (e < 0 || e >= experts) return;  // uniform over the block; its h row is never read
   const int64_t inter = w13.n / 2;
-  const Split sp = warp_split(ks, w13.vectors_per_row());
+  const Split sp = warp_split(ks, w13.steps_per_row());
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (kWarps / ks) + sp.group;
   const int64_t rows[R] = {c, inter + c};
   const bool ok[R] = {c < inter, c < inter};
@@ -229,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
                      const float* __restrict__ topk_weights, int top_k, int experts,
                      XT* __restrict__ y, int ks) {
   const int64_t t = blockIdx.y;
-  const Split sp = warp_split(ks, w2.vectors_per_row());
+  const Split sp = warp_split(ks, w2.steps_per_row());
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * (kWarps / ks) + sp.group) * R;
   int64_t rows[R];
   bool ok[R];
@@ -257,7 +338,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // K splits per rows-group: grow while the grid has fewer than two blocks per SM, keeping at
-// least one 16-byte vector per lane per split.
+// least one step (16-byte vector or 32-k chunk) per lane per split.
 int choose_splits(int64_t row_groups, int64_t grid_y, int64_t vectors) {
   const int64_t target = 2 * static_cast<int64_t>(sm_count());
   int ks = 1;
@@ -274,7 +355,7 @@ template <typename XT, int BITS>
 void dense_for(const void* x, int64_t m, const CudaQWeight& w, void* y, cudaStream_t stream) {
   const int64_t row_groups = (w.n + R - 1) / R;
   const int64_t chunks = (m + 7) / 8;
-  const int ks = choose_splits(row_groups, chunks, w.vectors_per_row());
+  const int ks = choose_splits(row_groups, chunks, w.steps_per_row());
   const int64_t per_block = kWarps / ks;
   const dim3 grid(static_cast<unsigned>((row_groups + per_block - 1) / per_block),
                   static_cast<unsigned>(chunks));
@@ -292,41 +373,46 @@ void dense_for(const void* x, int64_t m, const CudaQWeight& w, void* y, cudaStre
   check_launch("gemv_dense_kernel");
 }
 
-template <typename XT, int BITS13, int BITS2>
-void moe_for(const void* x, int64_t tokens, const int32_t* ids, const float* topk_weights,
-             int64_t top_k, int64_t experts, const CudaQWeight& w13, const CudaQWeight& w2,
-             void* h, void* y, cudaStream_t stream) {
+template <typename XT, int BITS>
+void gate_up_for(const void* x, int64_t tokens, const int32_t* ids, int64_t top_k,
+                 int64_t experts, const CudaQWeight& w13, void* h, cudaStream_t stream) {
   const int64_t pairs = tokens * top_k;
   const int64_t inter = w13.n / 2;
-  int ks = choose_splits(inter, pairs, w13.vectors_per_row());
-  dim3 grid(static_cast<unsigned>((inter + kWarps / ks - 1) / (kWarps / ks)),
-            static_cast<unsigned>(pairs));
-  gemv_gate_up_kernel<XT, BITS13><<<grid, kThreads, 0, stream>>>(
+  const int ks = choose_splits(inter, pairs, w13.steps_per_row());
+  const dim3 grid(static_cast<unsigned>((inter + kWarps / ks - 1) / (kWarps / ks)),
+                  static_cast<unsigned>(pairs));
+  gemv_gate_up_kernel<XT, BITS><<<grid, kThreads, 0, stream>>>(
       w13, static_cast<const XT*>(x), ids, static_cast<int>(top_k), static_cast<int>(experts),
       static_cast<XT*>(h), ks);
   check_launch("gemv_gate_up_kernel");
+}
+
+template <typename XT, int BITS>
+void down_for(int64_t tokens, const int32_t* ids, const float* topk_weights, int64_t top_k,
+              int64_t experts, const CudaQWeight& w2, const void* h, void* y,
+              cudaStream_t stream) {
   const int64_t row_groups = (w2.n + R - 1) / R;
-  ks = choose_splits(row_groups, tokens, w2.vectors_per_row());
-  grid = dim3(static_cast<unsigned>((row_groups + kWarps / ks - 1) / (kWarps / ks)),
-              static_cast<unsigned>(tokens));
-  gemv_down_kernel<XT, BITS2><<<grid, kThreads, 0, stream>>>(
+  const int ks = choose_splits(row_groups, tokens, w2.steps_per_row());
+  const dim3 grid(static_cast<unsigned>((row_groups + kWarps / ks - 1) / (kWarps / ks)),
+                  static_cast<unsigned>(tokens));
+  gemv_down_kernel<XT, BITS><<<grid, kThreads, 0, stream>>>(
       w2, static_cast<const XT*>(h), ids, topk_weights, static_cast<int>(top_k),
       static_cast<int>(experts), static_cast<XT*>(y), ks);
   check_launch("gemv_down_kernel");
 }
 
+// The two launches, each instantiated for its own weight's width.
 template <typename XT>
-void moe_bits(const void* x, int64_t tokens, const int32_t* ids, const float* topk_weights,
-              int64_t top_k, int64_t experts, const CudaQWeight& w13, const CudaQWeight& w2,
-              void* h, void* y, cudaStream_t stream) {
-  if (w13.bits == 4 && w2.bits == 4)
-    moe_for<XT, 4, 4>(x, tokens, ids, topk_weights, top_k, experts, w13, w2, h, y, stream);
-  else if (w13.bits == 4)
-    moe_for<XT, 4, 8>(x, tokens, ids, topk_weights, top_k, experts, w13, w2, h, y, stream);
-  else if (w2.bits == 4)
-    moe_for<XT, 8, 4>(x, tokens, ids, topk_weights, top_k, experts, w13, w2, h, y, stream);
-  else
-    moe_for<XT, 8, 8>(x, tokens, ids, topk_weights, top_k, experts, w13, w2, h, y, stream);
+void moe_for(const void* x, int64_t tokens, const int32_t* ids, const float* topk_weights,
+             int64_t top_k, int64_t experts, const CudaQWeight& w13, const CudaQWeight& w2,
+             void* h, void* y, cudaStream_t stream) {
+  with_bits(w13.bits, [&](auto b) {
+    gate_up_for<XT, decltype(b)::value>(x, tokens, ids, top_k, experts, w13, h, stream);
+  });
+  with_bits(w2.bits, [&](auto b) {
+    down_for<XT, decltype(b)::value>(tokens, ids, topk_weights, top_k, experts, w2, h, y,
+                                     stream);
+  });
 }
 
 }  // namespace
@@ -348,17 +434,12 @@ int sm_count() {
 void launch_gemv_dense(const void* x, DType x_dtype, int64_t m, const CudaQWeight& w, void* y,
                        int64_t stream) {
   const cudaStream_t s = as_stream(stream);
-  if (x_dtype == DType::kBFloat16) {
-    if (w.bits == 4)
-      dense_for<__nv_bfloat16, 4>(x, m, w, y, s);
+  with_bits(w.bits, [&](auto b) {
+    if (x_dtype == DType::kBFloat16)
+      dense_for<__nv_bfloat16, decltype(b)::value>(x, m, w, y, s);
     else
-      dense_for<__nv_bfloat16, 8>(x, m, w, y, s);
-  } else {
-    if (w.bits == 4)
-      dense_for<__half, 4>(x, m, w, y, s);
-    else
-      dense_for<__half, 8>(x, m, w, y, s);
-  }
+      dense_for<__half, decltype(b)::value>(x, m, w, y, s);
+  });
 }
 
 void launch_gemv_moe(const void* x, DType x_dtype, int64_t tokens, const int32_t* topk_ids,
@@ -367,9 +448,9 @@ void launch_gemv_moe(const void* x, DType x_dtype, int64_t tokens, const int32_t
                      int64_t stream) {
   const cudaStream_t s = as_stream(stream);
   if (x_dtype == DType::kBFloat16)
-    moe_bits<__nv_bfloat16>(x, tokens, topk_ids, topk_weights, top_k, experts, w13, w2, h, y, s);
+    moe_for<__nv_bfloat16>(x, tokens, topk_ids, topk_weights, top_k, experts, w13, w2, h, y, s);
   else
-    moe_bits<__half>(x, tokens, topk_ids, topk_weights, top_k, experts, w13, w2, h, y, s);
+    moe_for<__half>(x, tokens, topk_ids, topk_weights, top_k, experts, w13, w2, h, y, s);
 }
 
 }  // namespace kimivl

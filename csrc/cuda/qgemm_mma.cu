@@ -11,6 +11,8 @@
 // products accumulate in fp32 per quantization group and are multiplied by the group's scale
 // into the fp32 result when the group ends (groups are multiples of 32, so a slice never spans
 // two), so the only rounding before fp32 is none: x and u - zero are exact 16-bit operands.
+// 2, 3, 5 and 6-bit weights take the int4 path's shape (one thread per weight row and slice),
+// reading the slice's `bits` words and unpacking its 32 codes with shifts (qgemm_lowbit.cuh).
 //
 // Architectures: sm_80+ issue mma.sync.m16n8k16 (bf16 or fp16 operands, fp32 accumulators).
 // sm_75 has no bf16 mma (and no m16n8k16 for fp16), so it computes exactly the same accumulator
@@ -18,6 +20,7 @@
 #include <type_traits>
 
 #include "cuda/qgemm_common.cuh"
+#include "cuda/qgemm_lowbit.cuh"
 
 namespace kimivl {
 namespace {
@@ -78,10 +81,13 @@ __device__ __forceinline__ void mma_tile(float (&c)[4], const XT* a_tile, const 
 #endif
 }
 
-// One thread's share of a K-slice in registers: two 16-byte chunks of x and one weight vector.
+// One thread's share of a K-slice in registers: two 16-byte chunks of x and one weight vector
+// (int4/int8) or one chunk of `BITS` words (2, 3, 5, 6 bits).
+template <int BITS>
 struct Stage {
   uint4 a[2];
   uint4 w;
+  uint32_t lw[qg::is_lowbit(BITS) ? BITS : 1];
   int zero;
 };
 
@@ -145,15 +151,17 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaParams p) {
   const XT* a_base = static_cast<const XT*>(p.a);
   __syncthreads();  // a_off visible
 
-  // Which weight vector this thread loads: int4 one 32-k vector of row tid (tid < 64);
-  // int8 half a slice (16 k) of row tid / 2.
-  const int w_row = BITS == 4 ? tid : tid / 2;
-  const int w_half = BITS == 4 ? 0 : tid % 2;
-  const bool w_loader = BITS == 4 ? tid < BN : true;
+  // Which weight vector this thread loads: int4 one 32-k vector of row tid (tid < 64), 2, 3,
+  // 5, 6 bits the slice's chunk of row tid the same way; int8 half a slice (16 k) of row tid / 2.
+  constexpr bool kWholeSlice = BITS != 8;
+  constexpr int kPairs = kWholeSlice ? 16 : 8;  // element pairs a thread writes per slice
+  const int w_row = kWholeSlice ? tid : tid / 2;
+  const int w_half = kWholeSlice ? 0 : tid % 2;
+  const bool w_loader = kWholeSlice ? tid < BN : true;
   const bool w_valid = w_loader && wok(w_row);
   const int64_t w_grow = w_valid ? wrow(w_row) : 0;
 
-  const auto load = [&](int64_t kt, Stage& st) {
+  const auto load = [&](int64_t kt, Stage<BITS>& st) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int chunk = tid + i * kThreads;  // 256 chunks of 8 elements: row chunk / 4
@@ -165,25 +173,36 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaParams p) {
     st.w = make_uint4(0, 0, 0, 0);
     st.zero = 0;
     if (w_valid) {
-      const int64_t vec = BITS == 4 ? kt : 2 * kt + w_half;
-      st.w = qg::ldg16(q + w_grow * wpr + vec * 4);
+      if constexpr (qg::is_lowbit(BITS)) {
+        qg::load_chunk<BITS>(q + w_grow * wpr + kt * BITS, st.lw);
+      } else {
+        const int64_t vec = BITS == 4 ? kt : 2 * kt + w_half;
+        st.w = qg::ldg16(q + w_grow * wpr + vec * 4);
+      }
       const int64_t g = kt * BK / w.group;
       st.zero = zp ? zp[w_grow * groups + g] : (1 << (BITS - 1));
     }
   };
 
-  const auto store = [&](const Stage& st) {
+  const auto store = [&](const Stage<BITS>& st) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int chunk = tid + i * kThreads;
       *reinterpret_cast<uint4*>(&As[(chunk / 4) * SK + (chunk % 4) * 8]) = st.a[i];
     }
     if (!w_loader) return;
-    uint32_t out[BITS == 4 ? 16 : 8];  // 32 or 16 elements as pairs
+    uint32_t out[kPairs];  // 32 or 16 elements as pairs
     const uint32_t words[4] = {st.w.x, st.w.y, st.w.z, st.w.w};
     if (!w_valid) {
 #pragma unroll
-      for (int i = 0; i < (BITS == 4 ? 16 : 8); ++i) out[i] = 0;
+      for (int i = 0; i < kPairs; ++i) out[i] = 0;
+    } else if constexpr (qg::is_lowbit(BITS)) {
+#pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const int lo = static_cast<int>(qg::lowbit_code<BITS>(st.lw, 2 * i)) - st.zero;
+        const int hi = static_cast<int>(qg::lowbit_code<BITS>(st.lw, 2 * i + 1)) - st.zero;
+        out[i] = qg::int_pair<XT>(lo, hi);
+      }
     } else if constexpr (BITS == 4) {
       if constexpr (std::is_same_v<XT, __half>) {
         const __half2 bias = qg::int_bias_f16(st.zero);
@@ -224,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaParams p) {
     }
     uint4* dst = reinterpret_cast<uint4*>(&Ws[w_row * SK + w_half * 16]);
 #pragma unroll
-    for (int i = 0; i < (BITS == 4 ? 4 : 2); ++i)
+    for (int i = 0; i < kPairs / 4; ++i)
       dst[i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
   };
 
@@ -236,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaParams p) {
 
   const int64_t kt_count = w.kp / BK;
   const bool warp_active = warp * 16 < rows;  // uniform per warp
-  Stage st;
+  Stage<BITS> st;
   load(0, st);
   store(st);
   __syncthreads();
@@ -310,17 +329,12 @@ __global__ void __launch_bounds__(kThreads) mma_kernel(MmaParams p) {
 
 template <Mode MODE>
 void launch(const MmaParams& p, DType x_dtype, dim3 grid, cudaStream_t stream) {
-  if (x_dtype == DType::kBFloat16) {
-    if (p.w.bits == 4)
-      mma_kernel<__nv_bfloat16, 4, MODE><<<grid, kThreads, 0, stream>>>(p);
+  with_bits(p.w.bits, [&](auto b) {
+    if (x_dtype == DType::kBFloat16)
+      mma_kernel<__nv_bfloat16, decltype(b)::value, MODE><<<grid, kThreads, 0, stream>>>(p);
     else
-      mma_kernel<__nv_bfloat16, 8, MODE><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    if (p.w.bits == 4)
-      mma_kernel<__half, 4, MODE><<<grid, kThreads, 0, stream>>>(p);
-    else
-      mma_kernel<__half, 8, MODE><<<grid, kThreads, 0, stream>>>(p);
-  }
+      mma_kernel<__half, decltype(b)::value, MODE><<<grid, kThreads, 0, stream>>>(p);
+  });
   check_launch("mma_kernel");
 }
 

@@ -98,7 +98,8 @@ QPath resolve(QPath path, int64_t rows) {
 void check_weight(const CudaQWeight& w, const char* name) {
   const std::string n = name;
   check(w.q != nullptr && w.scales != nullptr, n + ": null weight pointer");
-  check(w.bits == 4 || w.bits == 8, n + ": bits must be 4 or 8");
+  check(w.bits == 2 || w.bits == 3 || w.bits == 4 || w.bits == 5 || w.bits == 6 || w.bits == 8,
+        n + ": bits must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(w.bits));
   check(w.n > 0 && w.k > 0, n + ": empty weight");
   check(w.kp % 32 == 0 && w.kp >= w.k && w.kp < w.k + 32, n + ": kp must be K rounded up to 32");
   check(w.group >= 32 && w.group % 32 == 0 && w.kp % w.group == 0,

@@ -3,17 +3,22 @@
 A weight W [N, K] (stacked experts add a leading E to every tensor) is three tensors, with
 KP = K rounded up to 32, g the group size (KP for per-channel) and G = KP / g:
 
-  qweight  int32 [N, KP * bits / 32]   row n holds W[n, :] along K, a 32-bit word per 8 (int4)
-           or 4 (int8) consecutive k; rows are never interleaved with each other.
+  qweight  int32 [N, KP * bits / 32]   row n holds W[n, :] along K, `bits` words per 32
+           consecutive k (one chunk); rows are never interleaved with each other.
            int4: word w of row n holds k = 8w + e (e < 8) at nibble position p with
                  e = [0, 2, 4, 6, 1, 3, 5, 7][p]  (nibble p = bits 4p..4p+3),
            int8: byte p of word w holds k = 4w + p (plain little-endian bytes),
+           2, 3, 5, 6 bits: chunk c (words c * bits ..) splits each code into parts of 4, 2 or
+                 1 bits (LOWBIT_PARTS: 2, 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2), low part first; a
+                 part of width w at bit offset o takes the next w words of the chunk, word j
+                 holding k = 32c + (32 / w) j + e at bits w e .. w e + w - 1 as
+                 (u[k] >> o) & (2^w - 1)  (plain order: no interleave),
            each value unsigned, u = q + 2^(bits-1) (the on-disk unsigned code); k >= K is 0.
   scales   bf16 or fp16 [N, G]   scale[n, g] for k in [g * group, (g + 1) * group), kept in the
            checkpoint's 16-bit dtype (fp32 scales become fp16, or bf16 outside fp16's normal
            range, as in cpu_layout: the one lossy step)
   zeros    uint8 [N, G], asymmetric only: the zero of the unsigned code, z + 2^(bits-1); the
-           symmetric zero is the constant 8 (int4) or 128 (int8).
+           symmetric zero is the constant 2^(bits-1).
 
 W[n, k] = scale[n, k // g] * (u[n, k] - zero[n, k // g]).
 
@@ -30,6 +35,13 @@ Why this layout:
     shift, one LOP3 and one half2 subtract of (1024 + zero) give two consecutive weights exactly
     (csrc/cuda/qgemm_common.cuh, int4_pair_f16). int8 needs no interleave: a byte permute places
     bytes (0, 1) and (2, 3) under 0x64.
+  * 2, 3, 5 and 6 bits keep the same row-major form, a 32-k chunk being `bits` whole words (so
+    no chunk straddles a group and, with the parts below, no code straddles a word), but trade
+    the magic-number speed for simplicity: a lane reads one chunk's words and gets each of its
+    32 codes with compile-time shifts and masks, OR-ing a code's parts together, then converts
+    u - zero exactly through fp32 (csrc/cuda/qgemm_lowbit.cuh). Splitting 3/5/6 bits into
+    2/1/4-bit parts keeps every field inside one word (a dense bit stream would straddle
+    words), and the bytes read per weight stay bits / 8 (decode is bound by the bytes it reads).
   * The tensor-core path dequantizes whole 32-K slices of 64 rows into shared memory, so it needs
     nothing more than this row-major form; scales stay [N, G] (row-major, read once per group)
     and are applied in fp32 to the accumulators, so the 16-bit operands are the exact integers
@@ -41,16 +53,17 @@ from __future__ import annotations
 import torch
 
 from .layout import CHUNK, QuantWeight, expect_tensor, padded, scale_dtype_for
-from .packing import PackedWeight, QuantScheme, unpack_int32
+from .packing import BITS, PackedWeight, QuantScheme, unpack_int32
 
 INT4_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # element of each nibble position within a word
+LOWBIT_PARTS = {2: (2,), 3: (2, 1), 5: (4, 1), 6: (4, 2)}  # widths of a code's parts, low first
 
 
 class CudaQuantWeight(QuantWeight):
     """A weight [*, N, K] in the CUDA kernel layout (module docstring); leading dim = experts."""
 
     STACKED_DIMS = 3
-    BITS = (4, 8)
+    BITS = BITS
 
     def check_tensors(self) -> None:
         if not isinstance(self.qweight, torch.Tensor) or self.qweight.dim() not in (2, 3):
@@ -68,10 +81,10 @@ class CudaQuantWeight(QuantWeight):
 
 
 def kernel_supports(scheme: QuantScheme, in_features: int) -> bool:
-    """Whether the CUDA kernels take a weight of this scheme and in_features: 4 or 8 bits, the
-    group a multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte activation
-    loads). Other 4/8-bit weights still convert and run, on the torch reference; other widths
-    are dequantized at load (quant/modules.py)."""
+    """Whether the CUDA kernels take a weight of this scheme and in_features: any width of
+    BITS, the group a multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte
+    activation loads). Other weights with such a group still convert and run, on the torch
+    reference; the rest are dequantized at load (quant/modules.py)."""
     return (scheme.bits in CudaQuantWeight.BITS
             and (scheme.group_size is None or scheme.group_size % CHUNK == 0)
             and in_features % 8 == 0)
@@ -82,7 +95,8 @@ def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") ->
 
     The on-disk words already hold the unsigned codes along K (8 nibbles or 4 bytes per word,
     natural order, zero-padded), so int8 rows are copied as they are and int4 words get their
-    nibbles permuted; only the (small) zero points are unpacked. The conversion runs on the CPU
+    nibbles permuted; 2, 3, 5 and 6-bit rows (a dense bit stream on disk) are read code by code
+    and repacked into parts. The conversion runs on the CPU
     in torch, one expert at a time, and each converted expert is copied into tensors allocated
     on `device` (so the extra host memory is one expert's).
     """
@@ -101,14 +115,17 @@ def to_cuda_layout(packed: PackedWeight, device: torch.device | str = "cuda") ->
     words = kp * s.bits // 32
     disk_words = packed.weight_packed.shape[-1]
     qweight = torch.empty(lead + (n, words), dtype=torch.int32, device=device)
-    if disk_words < words:
+    if disk_words < words and s.bits not in LOWBIT_PARTS:
         qweight[..., disk_words:] = 0
     scales = torch.empty(lead + (n, g), dtype=sdtype, device=device)
     zeros = None if s.symmetric else torch.empty(lead + (n, g), dtype=torch.uint8, device=device)
     for e in range(lead[0] if lead else 1):
         at = (e,) if lead else ()
         disk = packed.weight_packed[at].cpu()
-        qweight[at][:, :disk_words].copy_(_permute_nibbles(disk) if s.bits == 4 else disk)
+        if s.bits in LOWBIT_PARTS:
+            qweight[at].copy_(_pack_parts(_stream_codes(disk, s.bits, kp), s.bits))
+        else:
+            qweight[at][:, :disk_words].copy_(_permute_nibbles(disk) if s.bits == 4 else disk)
         scales[at].copy_(packed.weight_scale[at].cpu().to(sdtype))
         if zeros is not None:
             z = unpack_int32(packed.weight_zero_point[at].cpu(), s.bits, n, dim=-2)
@@ -136,12 +153,50 @@ def _pack_rows(q: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
     if bits == 4:
         s = u.view(n, kp // 8, 8)[:, :, list(INT4_ORDER)]  # s[..., p] = element at nibble p
         u = (s[:, :, 0::2] | (s[:, :, 1::2] << 4)).reshape(n, kp // 2)
+    elif bits in LOWBIT_PARTS:
+        return _pack_parts(u, bits)
     return u.contiguous().view(torch.int32)
+
+
+def _pack_parts(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes uint8 [N, KP] -> int32 [N, KP * bits / 32] in the 2/3/5/6-bit layout,
+    built as little-endian bytes: byte B of a w-bit part's 4w bytes holds k = (8 / w) B + i at
+    bits w i, which is word B // 4, field (8 / w)(B % 4) + i of the module docstring."""
+    n, kp = u.shape
+    chunks = u.view(n, kp // 32, 32)
+    parts, offset = [], 0
+    for w in LOWBIT_PARTS[bits]:
+        field = ((chunks >> offset) & ((1 << w) - 1)).view(n, kp // 32, 4 * w, 8 // w)
+        byte = field[..., 0].clone()
+        for i in range(1, 8 // w):
+            byte |= field[..., i] << (w * i)
+        parts.append(byte)
+        offset += w
+    return torch.cat(parts, -1).view(torch.int32).reshape(n, kp * bits // 32)
+
+
+def _stream_codes(disk: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """The unsigned codes uint8 [N, KP] of on-disk rows int32 [N, words] (a dense little-endian
+    bit stream, packing.py; zero past its end): every 8 codes are exactly `bits` bytes, read as
+    one integer and split with shifts."""
+    n = disk.shape[0]
+    stream = disk.contiguous().view(torch.uint8)
+    stream = torch.nn.functional.pad(stream, (0, kp * bits // 8 - stream.shape[1]))
+    octets = stream.view(n, kp // 8, bits).to(torch.int64)
+    value = octets[..., 0].clone()
+    for b in range(1, bits):
+        value |= octets[..., b] << (8 * b)
+    codes = torch.empty(n, kp // 8, 8, dtype=torch.uint8)
+    for i in range(8):
+        codes[..., i] = (value >> (bits * i)) & ((1 << bits) - 1)
+    return codes.view(n, kp)
 
 
 def unpack_codes(w: CudaQuantWeight) -> torch.Tensor:
     """The unsigned codes u [*, N, KP] (int16) as the kernels read them from qweight."""
     words = w.qweight  # int32: the arithmetic shift's sign bits are masked off below
+    if w.bits in LOWBIT_PARTS:
+        return _unpack_parts(words, w.bits)
     per_word = 32 // w.bits
     shifts = torch.arange(0, 32, w.bits, dtype=torch.int32, device=words.device)
     codes = ((words[..., None] >> shifts) & ((1 << w.bits) - 1)).to(torch.int16)  # [*, N, W, p]
@@ -151,6 +206,19 @@ def unpack_codes(w: CudaQuantWeight) -> torch.Tensor:
         u[..., order] = codes  # element INT4_ORDER[p] <- nibble p
         codes = u
     return codes.view(*words.shape[:-1], words.shape[-1] * per_word)
+
+
+def _unpack_parts(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [*, N, KP * bits / 32] in the 2/3/5/6-bit layout -> codes int16 [*, N, KP]."""
+    chunks = words.unflatten(-1, (-1, bits))  # [*, N, KC, bits]
+    u = torch.zeros(*chunks.shape[:-1], 32, dtype=torch.int16, device=words.device)
+    word, offset = 0, 0
+    for w in LOWBIT_PARTS[bits]:
+        shifts = torch.arange(0, 32, w, dtype=torch.int32, device=words.device)
+        field = (chunks[..., word:word + w, None] >> shifts) & ((1 << w) - 1)  # [*, KC, w, 32/w]
+        u |= field.flatten(-2).to(torch.int16) << offset
+        word, offset = word + w, offset + w
+    return u.flatten(-2)
 
 
 def dequantize(w: CudaQuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -10,7 +10,8 @@ host, bf16/fp16 models) and run through `ops.quant_matmul` / `ops.moe_block`. Ot
 dequantized to the compute dtype at load: the same values, without the memory saving. That
 covers an install without `_C` (the ops' torch references would dequantize the whole weight on
 every call), --backend reference, fp32 models on CUDA, and schemes the kernels cannot take (a
-group size not a multiple of 32; experts whose gate and up differ or are only partly quantized).
+group size not a multiple of 32; on CUDA in_features not a multiple of 8; experts whose gate and
+up differ or are only partly quantized). Both kernel sets take every width, 2 to 8 bits.
 """
 
 from __future__ import annotations
