@@ -11,7 +11,7 @@ import torch
 import kimivl_local
 from kimivl_local.model.moe import Router
 from kimivl_local.ops import decode_layer
-from kimivl_local.ops._bridge import kernel
+from kimivl_local.ops._bridge import kernel, set_backend
 from kimivl_local.ops.decode_layer import FusedDecode, router_topk
 
 from kernel_support import ISAS, force_isa
@@ -118,6 +118,22 @@ def test_inconsistent_layer_spec_names_the_field(quantized):
     del spec["heads"]
     with pytest.raises(ValueError, match="missing heads"):
         kernel("DecodeLayer")(spec)
+
+
+@pytest.fixture
+def restore_backend():
+    yield
+    set_backend("auto")
+
+
+@needs_kernel
+def test_reference_backend_chosen_after_the_plan_takes_the_torch_path(quantized,
+                                                                     restore_backend):
+    api = kimivl_local.load(quantized("int4"), device="cpu")
+    fused = api.model.language_model.fused_decode()
+    assert fused.active
+    set_backend("reference")
+    assert not fused.active
 
 
 def test_torch_path_where_nothing_can_be_fused(tiny_checkpoint, quantized, monkeypatch):

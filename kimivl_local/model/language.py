@@ -79,7 +79,7 @@ class LanguageModel(nn.Module):
         CUDA graph can capture it (the rope table must already reach the position: ensure())."""
         x = embeds.to(self.device)
         fused = self.fused_decode()
-        if fused is not None and fused.enabled:
+        if fused is not None and fused.active:
             return self.model.norm(fused.run(self, x, position, cache, RopeTables))
         rope = RopeTables(*self.rope.get(position, grow=False), x.dtype)
         for i, layer in enumerate(self.model.layers):

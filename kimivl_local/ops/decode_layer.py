@@ -136,6 +136,11 @@ class FusedDecode:
         self._keep = keep  # the tensors the _C specs point at
         self.enabled = True
 
+    @property
+    def active(self) -> bool:
+        """Enabled, and the kernels selected (--backend reference may be chosen after the plan)."""
+        return self.enabled and kernel("decode_layers") is not None
+
     @classmethod
     def plan(cls, lm) -> FusedDecode | None:
         """None (and a debug log line saying why) when no layer can be fused."""
