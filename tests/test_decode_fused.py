@@ -175,6 +175,10 @@ def test_router_matches_torch_router(experts, top_k, n_group, topk_group):
         assert got_ids.sort().values.tolist() == want_ids[0][order].tolist()
         torch.testing.assert_close(got_w[got_ids.argsort()], want_w[0][order], rtol=1e-5,
                                    atol=1e-7)
+        # fp64 oracle of the weights of the chosen experts: a few fp32 roundings (1e-6)
+        scores = (x.double() @ router.weight.double().T).sigmoid()[0, got_ids]
+        oracle = scores / scores.sum() * router.scaling if top_k > 1 else scores * router.scaling
+        torch.testing.assert_close(got_w.double(), oracle, rtol=1e-6, atol=0)
 
 
 @needs_kernel
