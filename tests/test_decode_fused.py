@@ -102,9 +102,9 @@ def test_position_outside_the_cache_is_a_clear_error(quantized):
     kv = api.engine.cache.kv
     x = lm.embed(torch.tensor([5]))
     with pytest.raises(ValueError, match="position 16 outside the cache capacity 16"):
-        fused.run(lm, x, torch.tensor([kv.shape[1]]), kv, None)
+        fused.run(lm, x, torch.tensor([kv.shape[1]]), kv)
     with pytest.raises(ValueError, match="row-contiguous"):
-        fused.run(lm, x, torch.tensor([0]), kv.transpose(1, 2), None)
+        fused.run(lm, x, torch.tensor([0]), kv.transpose(1, 2))
 
 
 @needs_kernel

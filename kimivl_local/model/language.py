@@ -80,7 +80,7 @@ class LanguageModel(nn.Module):
         x = embeds.to(self.device)
         fused = self.fused_decode()
         if fused is not None and fused.active:
-            return self.model.norm(fused.run(self, x, position, cache, RopeTables))
+            return self.model.norm(fused.run(self, x, position, cache))
         rope = RopeTables(*self.rope.get(position, grow=False), x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, cache[i], position=position)

@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from ..model.layers import RopeTables
 from ..quant.cpu_layout import CpuQuantWeight
 from ._bridge import DTYPE_CODES, kernel, num_threads
 from .quant_matmul import weight_args
@@ -181,8 +182,8 @@ class FusedDecode:
             return "no compiled decode_layers (extension missing or --backend reference)"
         return None
 
-    def run(self, lm, x: torch.Tensor, position: torch.Tensor, cache: torch.Tensor,
-            rope_tables) -> torch.Tensor:
+    def run(self, lm, x: torch.Tensor, position: torch.Tensor,
+            cache: torch.Tensor) -> torch.Tensor:
         """x [1, hidden] at position[0] -> the last layer's output [1, hidden] (before the final
         norm); the latents go to cache [layers, capacity, rank + rope]."""
         if (cache.dtype not in _ACT_DTYPES or cache.stride(2) != 1
@@ -196,7 +197,7 @@ class FusedDecode:
         for segment in self.segments:
             if segment[0] == "torch":
                 if rope is None:
-                    rope = rope_tables(cos, sin, x.dtype)
+                    rope = RopeTables(cos, sin, x.dtype)
                 i = segment[1]
                 x = lm.model.layers[i](x, rope, cache[i], position=position)
                 continue
