@@ -20,8 +20,6 @@ from kernel_support import ISAS, force_isa
 MIXED = ("mlp\\.experts\\.\\d+\\.(gate|up)_proj=3", "mlp\\.experts\\.\\d+\\.down_proj=2:32:asym",
          "shared_experts=5:64:asym", "self_attn\\.(q_proj|kv_a_proj_with_mqa)=6:channel",
          "layers\\.0\\.mlp\\.=5:channel:asym")
-# Layer 1's o_proj stays bf16, so layer 1 keeps the torch path between two fused layers.
-PARTLY = ("layers\\.1\\.self_attn\\.o_proj=16",)
 
 needs_kernel = pytest.mark.skipif(kernel("decode_layers") is None,
                                   reason="no compiled decode_layers in this install")
@@ -72,15 +70,25 @@ def _assert_same_logits(got: list, want: list) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("recipe, rules", [("int4", ()), ("default", ()), ("default", MIXED),
-                                           ("int8", PARTLY)])
+@pytest.mark.parametrize("recipe, rules", [("int4", ()), ("default", ()), ("default", MIXED)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_decode_equals_torch_path(quantized, recipe, rules, dtype):
     api = kimivl_local.load(quantized(recipe, *rules), device="cpu", dtype=dtype)
-    fused = api.model.language_model.fused_decode()
-    kinds = [s[0] for s in fused.segments]
-    assert kinds == (["fused", "torch", "fused"] if rules == PARTLY else ["fused"])
+    assert [s[0] for s in api.model.language_model.fused_decode().segments] == ["fused"]
     _assert_same_logits(*_decode_both_ways(api, prompt_len=9, steps=6))
+
+
+@needs_kernel
+def test_a_layer_the_fused_path_cannot_take_keeps_the_torch_path(quantized, monkeypatch):
+    api = kimivl_local.load(quantized("default"), device="cpu")
+    layers = list(api.model.language_model.model.layers)
+    plain = decode_layer.layer_spec
+    # as for a layer with a bf16 o_proj (layer_spec's own refusals: the test below)
+    monkeypatch.setattr(decode_layer, "layer_spec", lambda layer, cfg, dtype: (
+        "test" if layer is layers[1] else plain(layer, cfg, dtype)))
+    segments = api.model.language_model.fused_decode().segments
+    assert [s[:2] for s in segments] == [("fused", 0), ("torch", 1), ("fused", 2)]
+    _assert_same_logits(*_decode_both_ways(api, prompt_len=9, steps=4))
 
 
 @needs_kernel
@@ -139,6 +147,8 @@ def test_reference_backend_chosen_after_the_plan_takes_the_torch_path(quantized,
 def test_torch_path_where_nothing_can_be_fused(tiny_checkpoint, quantized, monkeypatch):
     dense = kimivl_local.load(tiny_checkpoint, device="cpu")  # bf16 weights: nothing quantized
     assert dense.model.language_model.fused_decode() is None
+    lm = dense.model.language_model
+    assert "not quantized" in decode_layer.layer_spec(lm.model.layers[1], lm.config, lm.dtype)
     monkeypatch.setenv("KIMIVL_FUSED_DECODE", "0")
     api = kimivl_local.load(quantized("int4"), device="cpu")
     assert api.model.language_model.fused_decode() is None
