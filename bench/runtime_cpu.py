@@ -14,6 +14,10 @@ model over the bf16 model with the same layer count. A full bf16 model (33 GB) d
 (`kimivl-local synthetic DST --preset full --layers 4`, then `kimivl-local quantize`); two layer
 counts also give the per-layer figures by difference (for each backend with two depths).
 
+A quantized model whose layers the fused CPU decode takes (kimivl_local/ops/decode_layer.py) is
+timed twice per round, fused and unfused (the torch path between the kernels, as with
+KIMIVL_FUSED_DECODE=0; both share the model and its cache), so the A/B sees the same interference.
+
 Also reported, per model: the time of one decode step spent outside the compiled kernels (one
 extra step with every `_C` call timed; Python, torch ops and thread hand-offs between kernels).
 With --prefill N, per model: a fresh N-token text prefill (ppN), best of --prefill-rounds rounds
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,6 +145,13 @@ def prefill_timings(runs: list[dict], n: int, rounds: int) -> None:
         set_backend("auto")
 
 
+def use_mode(r: dict) -> None:
+    """Select run r's backend and, for a quantized model with a fused plan, fused or unfused."""
+    set_backend(r["backend"])
+    if "plan" in r:
+        r["plan"].enabled = r["mode"] == "fused"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
@@ -159,30 +171,40 @@ def main() -> int:
         model = kimivl_local.load(path, device="cpu", max_context=max(512, args.prefill + 1),
                                   backend=backend)
         ids = model.tokenizer.encode(PROMPT)
-        runs.append({"path": path, "backend": backend, "model": model, "ids": ids,
-                     "layers": model.config.text.num_hidden_layers,
-                     "load_seconds": time.perf_counter() - t0, "best": float("inf")})
+        run = {"path": path, "backend": backend, "model": model, "ids": ids,
+               "layers": model.config.text.num_hidden_layers,
+               "load_seconds": time.perf_counter() - t0, "best": float("inf")}
+        fused = model.model.language_model.fused_decode() if backend == "auto" else None
+        if fused is None:
+            runs.append({**run, "mode": backend})
+        else:  # the same model twice: fused and unfused decode, interleaved
+            runs += [{**run, "mode": "fused", "plan": fused},
+                     {**run, "mode": "unfused", "plan": fused}]
     probe = torch.ones(64 << 20)  # 256 MB, far larger than the caches
     best_probe = float("inf")
     for r in runs:
-        set_backend(r["backend"])
+        use_mode(r)
+        r["times"] = []  # per run: a fused/unfused pair was copied from one dict
         engine = r["model"].engine
         engine.cache.reset()
         r["token"] = int(engine.prefill(r["ids"])[0].argmax())
-        r["bytes"] = decode_bytes_per_token(r["model"].model, len(r["ids"]) + args.steps // 2)
-    for _ in range(args.steps):
-        for r in runs:
-            set_backend(r["backend"])
+        # a fused/unfused pair shares one cache, which grows by two tokens a round
+        grown = args.steps if "plan" in r else args.steps // 2
+        r["bytes"] = decode_bytes_per_token(r["model"].model, len(r["ids"]) + grown)
+    for i in range(args.steps):
+        for r in runs if i % 2 == 0 else runs[::-1]:  # neither of a pair always goes second
+            use_mode(r)
             t0 = time.perf_counter()
             r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
-            r["best"] = min(r["best"], time.perf_counter() - t0)
+            r["times"].append(time.perf_counter() - t0)
+            r["best"] = min(r["best"], r["times"][-1])
         for threads in (None, 1):  # on a loaded machine one thread sometimes reads faster
             with _bridge.torch_single_threaded() if threads else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 probe.sum()
                 best_probe = min(best_probe, time.perf_counter() - t0)
     for r in runs:
-        set_backend(r["backend"])
+        use_mode(r)
 
         def step(r=r):
             r["token"] = int(r["model"].engine.decode_step(r["token"]).argmax())
@@ -194,27 +216,35 @@ def main() -> int:
     records = []
     for r in runs:
         gbps = r["bytes"] / r["best"] / 1e9
-        rec = {k: r[k] for k in ("path", "backend", "layers", "bytes", "load_seconds")}
+        rec = {k: r[k] for k in ("path", "backend", "mode", "layers", "bytes", "load_seconds")}
         outside = r["step_s"] - r["kernel_s"]
-        rec.update(ms_per_token=r["best"] * 1e3, gbps=gbps, ceiling_gbps=ceiling,
+        rec.update(ms_per_token=r["best"] * 1e3, median_ms=statistics.median(r["times"]) * 1e3,
+                   gbps=gbps, ceiling_gbps=ceiling,
                    instrumented_step_ms=r["step_s"] * 1e3, outside_kernels_ms=outside * 1e3,
                    kernel_calls=r["kernel_calls"])
         records.append(rec)
-        print(f"{r['path']}: {r['layers']} layers, {r['backend']}: {r['best'] * 1e3:.1f} ms/token, "
+        print(f"{r['path']}: {r['layers']} layers, {r['mode']}: {r['best'] * 1e3:.1f} ms/token "
+              f"(median {rec['median_ms']:.1f}), "
               f"{r['bytes'] / 2**20:.0f} MiB/token -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% "
               f"of the ceiling; one timed step: {r['step_s'] * 1e3:.1f} ms, "
               f"{outside * 1e3:.1f} ms ({100 * outside / r['step_s']:.0f}%) outside "
               f"{r['kernel_calls']} kernel calls")
     by_layers = {}
     for rec in records:
-        by_layers.setdefault(rec["layers"], {})[rec["backend"]] = rec
-    for n, pair in sorted(by_layers.items()):
-        if len(pair) == 2:
-            ratio = pair["reference"]["ms_per_token"] / pair["auto"]["ms_per_token"]
-            print(f"{n} layers: kernels {ratio:.1f}x the bf16 reference")
-    for backend in ("auto", "reference"):
-        # the first two models of this backend (in argument order) with different depths
-        recs = [rec for rec in records if rec["backend"] == backend]
+        by_layers.setdefault(rec["layers"], {}).setdefault(rec["mode"], rec)
+    for n, modes in sorted(by_layers.items()):
+        for mode in ("auto", "fused", "unfused"):
+            if mode in modes and "reference" in modes:
+                ratio = modes["reference"]["ms_per_token"] / modes[mode]["ms_per_token"]
+                print(f"{n} layers: kernels ({mode}) {ratio:.1f}x the bf16 reference")
+        if "fused" in modes and "unfused" in modes:
+            best = modes["unfused"]["ms_per_token"] / modes["fused"]["ms_per_token"]
+            median = modes["unfused"]["median_ms"] / modes["fused"]["median_ms"]
+            print(f"{n} layers: fused decode {best:.2f}x the unfused (best), {median:.2f}x (median) "
+                  f"({modes['fused']['path']})")
+    for backend in ("auto", "fused", "unfused", "reference"):
+        # the first two models of this mode (in argument order) with different depths
+        recs = [rec for rec in records if rec["mode"] == backend]
         pair = next(((x, y) for i, x in enumerate(recs) for y in recs[i + 1:]
                      if x["layers"] != y["layers"]), None)
         if pair:
@@ -225,8 +255,9 @@ def main() -> int:
             print(f"per layer ({a['layers']} -> {b['layers']} layers), {backend}: {ms:.2f} ms, "
                   f"{mib:.1f} MiB -> {gbps:.1f} GB/s = {100 * gbps / ceiling:.0f}% of the ceiling")
     if args.prefill:
-        prefill_timings(runs, args.prefill, args.prefill_rounds)
-        for r, rec in zip(runs, records):
+        once = [(r, rec) for r, rec in zip(runs, records) if r["mode"] != "unfused"]
+        prefill_timings([r for r, _ in once], args.prefill, args.prefill_rounds)
+        for r, rec in once:
             best = r["prefill"]
             rec.update(prefill_tokens=args.prefill, prefill_s=best["one_thread_glue"],
                        prefill_torch_thread_glue_s=best["torch_thread_glue"])

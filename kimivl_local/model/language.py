@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
+from ..ops.decode_layer import FusedDecode
 from .layers import RMSNorm, RopeTables, RotaryTable, SwiGLU, linear
 from .mla import MLAttention
 from .moe import MoE
@@ -77,10 +78,20 @@ class LanguageModel(nn.Module):
         final-normed hidden [1, hidden]. Nothing here reads a device value on the host, so a
         CUDA graph can capture it (the rope table must already reach the position: ensure())."""
         x = embeds.to(self.device)
+        fused = self.fused_decode()
+        if fused is not None and fused.active:
+            return self.model.norm(fused.run(self, x, position, cache))
         rope = RopeTables(*self.rope.get(position, grow=False), x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope, cache[i], position=position)
         return self.model.norm(x)
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The CPU decode step's fused layers (ops/decode_layer.py), planned at the first
+        decode; None where no layer can be fused (CUDA, unquantized, KIMIVL_FUSED_DECODE=0)."""
+        if "_fused_decode" not in self.__dict__:
+            self.__dict__["_fused_decode"] = FusedDecode.plan(self)
+        return self.__dict__["_fused_decode"]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> fp32 logits [T, vocab]."""
