@@ -11,6 +11,7 @@
 namespace py = pybind11;
 
 void bind_attention_ops(py::module_& m);  // ops_attention.cpp
+void bind_vision_ops(py::module_& m);     // ops_vision.cpp
 void bind_quant_ops(py::module_& m);      // ops_quant.cpp
 #ifdef KIMIVL_WITH_CUDA
 void bind_cuda_quant_ops(py::module_& m);      // cuda/ops_cuda_quant.cpp
@@ -97,6 +98,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_devices", &cuda_devices,
         "CUDA devices visible to the extension's CUDA runtime (empty without CUDA or a driver).");
   bind_attention_ops(m);
+  bind_vision_ops(m);
   bind_quant_ops(m);
 #ifdef KIMIVL_WITH_CUDA
   bind_cuda_quant_ops(m);
