@@ -17,9 +17,13 @@ from torch import nn
 from ..config import VisionConfig
 from ..ext import build_info
 from ..ops import varlen_attention
+from ..ops.vision_ops import add_layer_norm, bias_gelu_, bias_rope_, rope_tables
 
 ROPE_THETA = 10000.0
 EXACT_ENV = "KIMIVL_VISION_EXACT"  # "1": fp32 linears on the CPU even where bf16 is fast
+
+# A block's MLP output (bf16, bias not yet added) and its bias, which the next LayerNorm adds.
+Pending = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 @functools.cache
@@ -32,27 +36,17 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class TowerLinear(nn.Linear):
-    """nn.Linear that may run in bf16: with `fast` set (MoonViT.forward sets it, see
-    MoonViT.bf16_linears) x, W and the bias are rounded to bf16, multiplied with fp32
-    accumulation (oneDNN; AMX where present) and the result returned in bf16, with no separate
-    pass for the bias or a conversion back. The block keeps its residual stream and LayerNorms in
-    fp32 (fp32 + bf16 promotes to fp32); RoPE, attention and GELU between two linears take the
-    bf16 values, which the next linear would round to bf16 anyway. Measured on 3 full-width
-    blocks, 1296 patches: 1.53x the exact path, against 1.30x when the output is converted back
-    to fp32 and the bias added there. The bf16 copies of W and b are made at the first fast call
-    and kept (half the fp32 weight's memory)."""
+    """nn.Linear (the exact path) that also hands out a bf16 copy of its weight for the fast
+    path's matmuls (MoonViT.forward, EncoderBlock.forward_fast). The copy is made at the first
+    fast call and kept while the weight is the same tensor: half the fp32 weight's memory, which
+    memory_plan.vision_fast_bytes counts."""
 
-    fast = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fast or self.weight.dtype != torch.float32:
-            return super().forward(x)
+    def bf16_weight(self) -> torch.Tensor:
         cached = self.__dict__.get("_bf16")
-        if cached is None or cached[0] is not self.weight or cached[1] is not self.bias:
-            bias = None if self.bias is None else self.bias.detach().bfloat16()
-            cached = (self.weight, self.bias, self.weight.detach().bfloat16(), bias)
+        if cached is None or cached[0] is not self.weight:
+            cached = (self.weight, self.weight.detach().bfloat16())
             self.__dict__["_bf16"] = cached
-        return F.linear(x.bfloat16(), cached[2], cached[3])
+        return cached[1]
 
 
 class LearnedPosEmb2D(nn.Module):
@@ -140,6 +134,28 @@ class EncoderBlock(nn.Module):
         x = x + self.wo(attn.reshape(n, -1))
         return x + self.mlp(self.norm1(x))
 
+    def forward_fast(self, x: torch.Tensor, pending: Pending, cu_seqlens: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor],
+                     max_seqlen: int | None = None) -> Pending:
+        """The bf16 CPU path. x is the fp32 residual stream, updated in place; `pending` is the
+        previous block's MLP output (bf16, without its bias) not yet added to x, which this
+        block's first LayerNorm adds. Returns this block's own pending MLP output. Between the
+        bf16 matmuls (oneDNN, bias-free: its fused bias cost +50%) activations stay in bf16; each
+        fused op (ops/vision_ops.py) adds the bias and does its fp32 math in one pass."""
+        n, heads, dim = x.shape[0], self.num_heads, self.head_dim
+        h = add_layer_norm(x, self.norm0.weight, self.norm0.bias, self.norm0.eps,
+                           delta=pending[0], delta_bias=pending[1])
+        qkv = torch.mm(h, self.wqkv.bf16_weight().t())
+        bias_rope_(qkv, self.wqkv.bias, *rope, heads, dim)
+        q, k, v = qkv.view(n, 3, heads, dim).unbind(1)
+        attn = varlen_attention(q, k, v, cu_seqlens, causal=False, scale=dim ** -0.5,
+                                max_seqlen=max_seqlen)
+        o = torch.mm(attn.view(n, -1), self.wo.bf16_weight().t())
+        h = add_layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, delta=o,
+                           delta_bias=self.wo.bias)
+        f = bias_gelu_(torch.mm(h, self.mlp.fc0.bf16_weight().t()), self.mlp.fc0.bias)
+        return torch.mm(f, self.mlp.fc1.bf16_weight().t()), self.mlp.fc1.bias
+
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -148,10 +164,22 @@ class Encoder(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
-                max_seqlen: int | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None, fast: bool = False) -> torch.Tensor:
+        """fast: the bf16 CPU path (EncoderBlock.forward_fast; x is updated in place)."""
+        if fast:
+            return self._forward_fast(x, cu_seqlens, freqs, max_seqlen)
         for block in self.blocks:
             x = block(x, cu_seqlens, freqs, max_seqlen)
         return self.final_layernorm(x)
+
+    def _forward_fast(self, x, cu_seqlens, freqs, max_seqlen) -> torch.Tensor:
+        rope = rope_tables(freqs)
+        pending: Pending = (None, None)
+        for block in self.blocks:
+            pending = block.forward_fast(x, pending, cu_seqlens, rope, max_seqlen)
+        norm = self.final_layernorm
+        return add_layer_norm(x, norm.weight, norm.bias, norm.eps, delta=pending[0],
+                              delta_bias=pending[1], out_dtype=torch.float32)
 
 
 def patch_merge(x: torch.Tensor, grids: list[tuple[int, int]],
@@ -168,10 +196,11 @@ def patch_merge(x: torch.Tensor, grids: list[tuple[int, int]],
 
 
 class MoonViT(nn.Module):
-    """bf16_linears: None (default) runs the blocks' fp32 linears in bf16 on a CPU with bf16
-    hardware unless KIMIVL_VISION_EXACT=1 (the exact fp32 path); True/False force it. Features
-    stay within a few bf16 roundings of fp32 (tests/test_vision.py states the bound); LayerNorms,
-    residuals, RoPE and attention stay fp32 (attention in ops.varlen_attention)."""
+    """bf16_linears: None (default) runs the blocks of an fp32 tower on the bf16 fast path
+    (Encoder.forward fast=True) on a CPU with bf16 hardware, unless KIMIVL_VISION_EXACT=1 (the
+    exact fp32 path); True/False force it. The fast path keeps the residual stream fp32 and
+    stores the activations between its bf16 matmuls in bf16, with fp32 math in every op; features
+    stay within a few bf16 roundings of fp32 (tests/test_vision.py states the bound)."""
 
     bf16_linears: bool | None = None
 
@@ -190,19 +219,14 @@ class MoonViT(nn.Module):
         if fast is None:
             fast = (weight.device.type == "cpu" and os.environ.get(EXACT_ENV) != "1"
                     and cpu_has_fast_bf16())
-        self.set_fast_linears(fast)
+        fast = fast and weight.dtype == torch.float32 and weight.device.type == "cpu"
         x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids)
         lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
         cu_seqlens = lengths.cumsum(0).to(device=x.device, dtype=torch.int32)
         freqs = rope_2d_freqs(grids, self.cfg.head_dim, x.device)
-        x = self.encoder(x, cu_seqlens, freqs, max(h * w for h, w in grids))  # no sync on CUDA
+        # no sync on CUDA
+        x = self.encoder(x, cu_seqlens, freqs, max(h * w for h, w in grids), fast=fast)
         return patch_merge(x, grids, self.cfg.merge_kernel_size)
-
-    def set_fast_linears(self, fast: bool) -> None:
-        """Run the blocks' linears in bf16 (TowerLinear) or exactly in the weights' dtype."""
-        for m in self.modules():
-            if isinstance(m, TowerLinear):
-                m.fast = fast
 
     def _check(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[tuple[int, int]]:
         p = self.cfg.patch_size
