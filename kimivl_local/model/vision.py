@@ -35,6 +35,13 @@ def cpu_has_fast_bf16() -> bool:
     return bool(features.get("avx512_bf16"))
 
 
+def fast_path_default(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a tower held in `dtype` on `device` takes the bf16 fast path when bf16_linears is
+    None: an fp32 tower on a CPU with bf16 hardware, unless KIMIVL_VISION_EXACT=1."""
+    return (device.type == "cpu" and dtype == torch.float32 and os.environ.get(EXACT_ENV) != "1"
+            and cpu_has_fast_bf16())
+
+
 class TowerLinear(nn.Linear):
     """nn.Linear (the exact path) that also hands out a bf16 copy of its weight for the fast
     path's matmuls (MoonViT.forward, EncoderBlock.forward_fast). The copy is made at the first
@@ -234,8 +241,7 @@ class MoonViT(nn.Module):
         weight = self.patch_embed.proj.weight
         fast = self.bf16_linears
         if fast is None:
-            fast = (weight.device.type == "cpu" and os.environ.get(EXACT_ENV) != "1"
-                    and cpu_has_fast_bf16())
+            fast = fast_path_default(weight.device, weight.dtype)
         fast = fast and weight.dtype == torch.float32 and weight.device.type == "cpu"
         x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids)
         lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
