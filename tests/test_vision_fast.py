@@ -105,3 +105,16 @@ def test_plan_counts_the_bf16_copies_the_fast_path_holds(monkeypatch):
     exact = plan(model, config, device="cpu")
     assert vision_fast_bytes(model) == 0
     assert fast.device_weights - exact.device_weights == copies
+
+
+@pytest.mark.parametrize("grid", [(6, 10), (4, 2), (8, 8), (16, 3), (1, 1)])
+def test_fast_patch_embedding_equals_the_convolution(grid):
+    """The fast path's matmul patch embedding and separable position resize are the same fp32
+    math as the convolution and F.interpolate (bicubic) of the exact path, up to summation order,
+    for grids taller, wider, smaller than and equal to the 8x8 table."""
+    embed = randomize(vision.PatchEmbed(TINY))
+    pixels, _ = make_inputs([grid], seed=5)
+    with torch.no_grad():
+        want = embed(pixels, [grid])
+        got = embed(pixels, [grid], fast=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

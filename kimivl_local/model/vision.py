@@ -126,6 +126,15 @@ def rope_2d_freqs(grids: list[tuple[int, int]], head_dim: int, device: torch.dev
     return torch.cat(out)
 
 
+@functools.lru_cache(maxsize=8)
+def cpu_rope_tables(grids: tuple[tuple[int, int], ...],
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path's interleaved RoPE tables (ops.vision_ops.rope_tables) for these grids,
+    kept for the next images of the same sizes: building them is a dozen small torch ops, each
+    ~10 ms when other processes hold the cores. Read-only."""
+    return rope_tables(rope_2d_freqs(list(grids), head_dim, torch.device("cpu")))
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2j, 2j+1) of x [N, heads, D] by freqs [N, D/2], in fp32 complex."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
@@ -141,13 +150,15 @@ def sdpa_per_image(qkv: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
     Its probabilities are rounded to bf16 before the product with V; tests/test_vision.py bounds
     the whole tower's error."""
     n, _, heads, dim = qkv.shape
-    out = torch.empty(n, heads, dim, dtype=qkv.dtype)
-    start = 0
+    outs, start = [], 0
     for length in seq_lens:
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv[start:start + length].unbind(1))
-        out[start:start + length] = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
+        # [1, heads, L, D] with token-major strides: transposed back it is contiguous [L, heads,
+        # D], so one image needs no copy (reshape is a view then).
+        outs.append(F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1))
         start += length
-    return out.view(n, heads * dim)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.reshape(n, heads * dim)
 
 
 class MLP(nn.Module):
@@ -211,20 +222,17 @@ class Encoder(nn.Module):
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
-                max_seqlen: int | None = None, fast: bool = False) -> torch.Tensor:
-        """fast: the bf16 CPU path (EncoderBlock.forward_fast; x is updated in place)."""
-        if fast:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # a CPU tensor: no sync
-            return self._forward_fast(x, lengths, freqs)
+                max_seqlen: int | None = None) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, cu_seqlens, freqs, max_seqlen)
         return self.final_layernorm(x)
 
-    def _forward_fast(self, x, seq_lens, freqs) -> torch.Tensor:
-        rope = rope_tables(freqs)
+    def forward_fast(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """The bf16 CPU path (EncoderBlock.forward_fast); x (fp32) is updated in place."""
+        rope = cpu_rope_tables(tuple(grids), self.blocks[0].head_dim) if self.blocks else None
         pending: Pending = (None, None)
         for block in self.blocks:
-            pending = block.forward_fast(x, pending, seq_lens, rope)
+            pending = block.forward_fast(x, pending, [h * w for h, w in grids], rope)
         norm = self.final_layernorm
         return add_layer_norm(x, norm.weight, norm.bias, norm.eps, delta=pending[0],
                               delta_bias=pending[1], out_dtype=torch.float32)
@@ -269,11 +277,13 @@ class MoonViT(nn.Module):
         fast = fast and weight.dtype == torch.float32 and weight.device.type == "cpu"
         x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids,
                              fast=fast)
+        if fast:
+            return patch_merge(self.encoder.forward_fast(x, grids), grids,
+                               self.cfg.merge_kernel_size)
         lengths = torch.tensor([0] + [h * w for h, w in grids], dtype=torch.int64)
         cu_seqlens = lengths.cumsum(0).to(device=x.device, dtype=torch.int32)
         freqs = rope_2d_freqs(grids, self.cfg.head_dim, x.device)
-        max_seqlen = max(h * w for h, w in grids)  # known here: no sync on CUDA
-        x = self.encoder(x, cu_seqlens, freqs, max_seqlen, fast=fast)
+        x = self.encoder(x, cu_seqlens, freqs, max(h * w for h, w in grids))  # no sync on CUDA
         return patch_merge(x, grids, self.cfg.merge_kernel_size)
 
     def _check(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[tuple[int, int]]:
