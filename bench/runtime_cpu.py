@@ -139,7 +139,7 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
                 prompt = build_prompt(model.model, model.tokenizer, model.images, messages)
                 prompt.embed(0)  # features memoized: the prefill below is the language model alone
                 model.engine.cache.reset()
-                timed("image_prefill_s", lambda: model.engine.prefill(prompt))
+                timed("image_prefill_s", lambda p=prompt: model.engine.prefill(p))
     finally:
         tower.bf16_linears, projector.bf16_linears = saved
     for path in ("fast", "exact"):

@@ -4,16 +4,24 @@ memory planner's count of the bf16 weight copies it makes."""
 
 import pytest
 import torch
+from test_memory_plan import full_model, plan
+from test_vision import (
+    GRIDS,
+    TEXT_HIDDEN,
+    TINY,
+    make_inputs,
+    make_tower,
+    oracle_projector,
+    oracle_tower,
+    randomize,
+    seeded,
+)
 
 from kimivl_local.memory_plan import vision_fast_bytes
 from kimivl_local.model import vision
 from kimivl_local.model.projector import Projector
 from kimivl_local.model.vision import TowerLinear
 from kimivl_local.ops import _bridge
-
-from test_memory_plan import full_model, plan
-from test_vision import (GRIDS, TEXT_HIDDEN, TINY, make_inputs, make_tower, oracle_projector,
-                         oracle_tower, randomize, seeded)
 
 
 def fast_tower():

@@ -5,11 +5,15 @@ import math
 
 import pytest
 import torch
+from kernel_support import ISAS, force_isa
 
 from kimivl_local.ops import _bridge
-from kimivl_local.ops.vision_ops import add_layer_norm, bias_gelu_, bias_rope_, rope_tables
-
-from kernel_support import ISAS, force_isa
+from kimivl_local.ops.vision_ops import (
+    add_layer_norm,
+    bias_gelu_,
+    bias_rope_,
+    rope_tables,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 BF16_ROUNDOFF = 2.0 ** -8  # relative error of a round-to-nearest bf16 store (8-bit significand)

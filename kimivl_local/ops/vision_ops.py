@@ -39,8 +39,9 @@ def _check_vector(name: str, t: torch.Tensor | None, n: int, device: torch.devic
     if t is None:
         return
     if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (n,):
-        raise ValueError(f"{name} must be a float32 tensor of shape ({n},), got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+               else type(t).__name__)
+        raise ValueError(f"{name} must be a float32 tensor of shape ({n},), got {got}")
     if t.device != device or not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous on {device}")
 
