@@ -126,3 +126,28 @@ def test_fast_patch_embedding_equals_the_convolution(grid):
         want = embed(pixels, [grid])
         got = embed(pixels, [grid], fast=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_skips_linears_it_cannot_copy():
+    """A checkpoint may quantize the projector or tower linears (QuantLinear, an nn.Linear
+    subclass of its own): those modules run their own forward, on the exact path."""
+    proj = randomize(Projector(TINY, TEXT_HIDDEN))
+    merged = torch.randn(3, 4, 48, generator=seeded(3))
+    with torch.no_grad():
+        want = proj(merged)
+        plain = torch.nn.Linear(192, TEXT_HIDDEN)
+        plain.load_state_dict(proj.linear_2.state_dict())
+        proj.linear_2, proj.bf16_linears = plain, True
+        torch.testing.assert_close(proj(merged), want, rtol=0, atol=0)
+
+    tower = fast_tower()
+    pixels, grids = make_inputs()
+    with torch.no_grad():
+        tower.bf16_linears = False
+        exact = tower(pixels, grids)
+        block = tower.encoder.blocks[1]
+        plain = torch.nn.Linear(48, 48)
+        plain.load_state_dict(block.wo.state_dict())
+        block.wo, tower.bf16_linears = plain, True
+        for a, b in zip(tower(pixels, grids), exact):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

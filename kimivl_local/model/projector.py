@@ -34,14 +34,22 @@ class Projector(nn.Module):
         if merged.dim() != 3 or tuple(merged.shape[1:]) != (self.num_sub, self.sub_dim):
             raise ValueError(f"merged must have shape [M, {self.num_sub}, {self.sub_dim}], "
                              f"got {tuple(merged.shape)}")
+        if self._fast(merged):
+            return self._forward_fast(merged)
+        x = self.pre_norm(merged).reshape(merged.shape[0], -1)
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+    def _fast(self, merged: torch.Tensor) -> bool:
+        """bf16_linears' choice, for float32 linears that are not quantized (QuantLinear)."""
+        linears = (self.linear_1, self.linear_2)
+        if not all(isinstance(m, TowerLinear) for m in linears):
+            return False
         weight = self.linear_1.weight
         fast = self.bf16_linears
         if fast is None:
             fast = fast_path_default(weight.device, weight.dtype)
-        if fast and weight.dtype == torch.float32 and merged.dtype == torch.float32:
-            return self._forward_fast(merged)
-        x = self.pre_norm(merged).reshape(merged.shape[0], -1)
-        return self.linear_2(F.gelu(self.linear_1(x)))
+        return (fast and merged.dtype == weight.dtype == torch.float32
+                and weight.device.type == "cpu")
 
     def _forward_fast(self, merged: torch.Tensor) -> torch.Tensor:
         m = merged.shape[0]

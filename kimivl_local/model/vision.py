@@ -274,7 +274,9 @@ class MoonViT(nn.Module):
         fast = self.bf16_linears
         if fast is None:
             fast = fast_path_default(weight.device, weight.dtype)
-        fast = fast and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        fast = (fast and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and all(isinstance(m, TowerLinear) for m in self.encoder.modules()
+                        if isinstance(m, nn.Linear)))  # not where a checkpoint quantized them
         x = self.patch_embed(pixel_values.to(device=weight.device, dtype=weight.dtype), grids,
                              fast=fast)
         if fast:
