@@ -115,10 +115,13 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
                                           "tower_1block_exact_s", "image_prefill_s")}
     saved = tower.bf16_linears, projector.bf16_linears
 
+    features = {}
+
     def timed(key, fn):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         best[key] = min(best[key], time.perf_counter() - t0)
+        return out
 
     rss_before = rss_bytes()
     try:
@@ -127,7 +130,8 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
                 for path, fast in (("fast", None), ("exact", False)):
                     tower.bf16_linears = projector.bf16_linears = fast
                     model.images.memo.clear()
-                    timed(f"vision_{path}_s", lambda: model.images.features(processed))
+                    features[path] = timed(f"vision_{path}_s",
+                                           lambda: model.images.features(processed))[0]
                     if i == 0 and path == "fast":
                         best["rss_after_first_fast_gb"] = (rss_bytes() - rss_before) / 1e9
                     timed(f"tower_{path}_s", lambda: tower(pixels, grids))
@@ -145,6 +149,9 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
     for path in ("fast", "exact"):
         best[f"block_{path}_s"] = ((best[f"tower_{path}_s"] - best[f"tower_1block_{path}_s"])
                                    / max(len(blocks) - 1, 1))
+    diff = (features["fast"].float() - features["exact"].float()).abs()
+    best["features_rel_diff_mean"] = (diff.mean() / features["exact"].float().abs().mean()).item()
+    best["features_rel_diff_max"] = (diff.max() / features["exact"].float().abs().max()).item()
     best["blocks"] = len(blocks)
     best["planned_fast_copies_gb"] = vision_fast_bytes(model.model) / 1e9
     best["image_tokens"] = model.processor.num_tokens(image)
@@ -288,7 +295,9 @@ def main() -> int:
               f"{image['block_exact_s'] * 1e3:.0f} ms exact "
               f"({image['block_exact_s'] / image['block_fast_s']:.2f}x); resident memory after "
               f"the first fast image +{image['rss_after_first_fast_gb']:.2f} GB (planned bf16 "
-              f"copies {image['planned_fast_copies_gb']:.2f} GB)")
+              f"copies {image['planned_fast_copies_gb']:.2f} GB); fast vs exact features: mean "
+              f"|diff| {image['features_rel_diff_mean']:.2%} of mean |exact|, max "
+              f"{image['features_rel_diff_max']:.2%} of max")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"ceiling_gbps": ceiling, "steps": args.steps, "records": records,
