@@ -151,3 +151,25 @@ def test_fast_path_skips_linears_it_cannot_copy():
         block.wo, tower.bf16_linears = plain, True
         for a, b in zip(tower(pixels, grids), exact):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_loaded_model_takes_the_fast_path_by_default(tiny_checkpoint, monkeypatch):
+    """End to end: a CPU load holds the tower in fp32, the default (bf16_linears None) takes the
+    fast path where the CPU has bf16 hardware, and its features stay close to the exact path's."""
+    from PIL import Image
+
+    import kimivl_local
+
+    monkeypatch.setattr(vision, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.delenv(vision.EXACT_ENV, raising=False)
+    api = kimivl_local.load(tiny_checkpoint, device="cpu")
+    image = Image.new("RGB", (84, 56), (200, 40, 90))
+    fast = api.image_features([image])[0]
+    linears = [m for m in api.model.vision_tower.modules() if isinstance(m, TowerLinear)]
+    assert linears and all("_bf16" in m.__dict__ for m in linears)  # the copies were made
+    monkeypatch.setenv(vision.EXACT_ENV, "1")
+    api.images.memo.clear()
+    exact = api.image_features([image])[0]
+    assert fast.shape == exact.shape
+    diff = (fast.float() - exact.float()).abs().mean() / exact.float().abs().mean()
+    assert diff < 0.02  # measured 0.0046
