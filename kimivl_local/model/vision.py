@@ -1,8 +1,9 @@
 """MoonViT, the Kimi-VL vision tower (reference §4.2-4.4).
 
 Attribute names mirror the checkpoint's `vision_tower.*` tensors, so `state_dict()` keys are those
-names without the prefix. No buffers: the RoPE angles are computed per call on the input's device,
-which keeps the module constructible on the meta device and fillable from mmapped safetensors.
+names without the prefix. No buffers: the RoPE angles are computed per call on the input's device
+(the CPU fast path keeps its tables in a small cache keyed by the grids), which keeps the module
+constructible on the meta device and fillable from mmapped safetensors.
 """
 
 from __future__ import annotations
