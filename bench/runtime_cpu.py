@@ -24,9 +24,10 @@ With --prefill N, per model: a fresh N-token text prefill (ppN), best of --prefi
 interleaved across models, once as the engine runs it (torch's glue between kernels on one
 thread) and once with that glue on torch's own threads (main before issue 15's prefill change).
 With --image WxH, for the first model: the vision tower + projector on a random WxH image, on
-the fast path (bf16 linears where the CPU has AVX512-BF16) and the exact fp32 path
-(KIMIVL_VISION_EXACT=1), best of --image-rounds interleaved rounds, and separately the prefill of
-that image's prompt with its features already computed: time to first token = vision + prefill.
+the fast path (bf16 matmuls and activations where the CPU has AVX512-BF16) and the exact fp32
+path (KIMIVL_VISION_EXACT=1), the tower alone and per block (by difference with the tower cut to
+one block), best of --image-rounds interleaved rounds, and separately the prefill of that
+image's prompt with its features already computed: time to first token = vision + prefill.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ from PIL import Image
 import kimivl_local
 import kimivl_local.generate
 from kimivl_local.benchmark import _text_ids, decode_bytes_per_token
+from kimivl_local.memory_plan import vision_fast_bytes
 from kimivl_local.multimodal import build_prompt
 from kimivl_local.ops import _bridge
 from kimivl_local.ops._bridge import set_backend
@@ -88,35 +91,74 @@ def outside_kernels(run) -> tuple[float, float, int]:
     return total, timer.seconds, timer.calls
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
-    """Vision tower + projector (fast and exact path) and the image prompt's prefill, best of
-    `rounds` interleaved rounds."""
+    """Vision tower + projector (fast and exact path), the tower's time per block (the tower
+    with all its blocks minus the tower cut to one, over the difference in blocks) on each path,
+    and the image prompt's prefill, best of `rounds` interleaved rounds. Also the resident
+    memory the first fast call adds (its bf16 weight copies) against the planner's count."""
     w, h = size
     rng = np.random.default_rng(0)
     image = Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": "Describe it."}]}]
     tower = model.model.vision_tower
+    projector = model.model.multi_modal_projector
     processed = model.images.preprocess([image])
-    best = {"vision_fast_s": float("inf"), "vision_exact_s": float("inf"),
-            "image_prefill_s": float("inf")}
-    saved = tower.bf16_linears
+    _, pixels, grids = processed[0]
+    blocks = tower.encoder.blocks
+    best = {key: float("inf") for key in ("vision_fast_s", "vision_exact_s", "tower_fast_s",
+                                          "tower_exact_s", "tower_1block_fast_s",
+                                          "tower_1block_exact_s", "image_prefill_s")}
+    saved = tower.bf16_linears, projector.bf16_linears
+
+    features = {}
+
+    def timed(key, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        best[key] = min(best[key], time.perf_counter() - t0)
+        return out
+
+    rss_before = rss_bytes()
     try:
-        for _ in range(rounds):
-            for key, fast in (("vision_fast_s", None), ("vision_exact_s", False)):
-                tower.bf16_linears = fast
-                model.images.memo.clear()
-                t0 = time.perf_counter()
-                model.images.features(processed)
-                best[key] = min(best[key], time.perf_counter() - t0)
-            prompt = build_prompt(model.model, model.tokenizer, model.images, messages)
-            prompt.embed(0)  # features memoized: the prefill below is the language model alone
-            model.engine.cache.reset()
-            t0 = time.perf_counter()
-            model.engine.prefill(prompt)
-            best["image_prefill_s"] = min(best["image_prefill_s"], time.perf_counter() - t0)
+        with torch.inference_mode():
+            for i in range(rounds):
+                for path, fast in (("fast", None), ("exact", False)):
+                    tower.bf16_linears = projector.bf16_linears = fast
+                    model.images.memo.clear()
+                    features[path] = timed(f"vision_{path}_s",
+                                           lambda: model.images.features(processed))[0]
+                    if i == 0 and path == "fast":
+                        best["rss_after_first_fast_gb"] = (rss_bytes() - rss_before) / 1e9
+                    timed(f"tower_{path}_s", lambda: tower(pixels, grids))
+                    tower.encoder.blocks = blocks[:1]
+                    try:
+                        timed(f"tower_1block_{path}_s", lambda: tower(pixels, grids))
+                    finally:
+                        tower.encoder.blocks = blocks
+                prompt = build_prompt(model.model, model.tokenizer, model.images, messages)
+                prompt.embed(0)  # features memoized: the prefill below is the language model alone
+                model.engine.cache.reset()
+                timed("image_prefill_s", lambda p=prompt: model.engine.prefill(p))
     finally:
-        tower.bf16_linears = saved
+        tower.bf16_linears, projector.bf16_linears = saved
+    for path in ("fast", "exact"):
+        best[f"block_{path}_s"] = ((best[f"tower_{path}_s"] - best[f"tower_1block_{path}_s"])
+                                   / max(len(blocks) - 1, 1))
+    diff = (features["fast"].float() - features["exact"].float()).abs()
+    best["features_rel_diff_mean"] = (diff.mean() / features["exact"].float().abs().mean()).item()
+    best["features_rel_diff_max"] = (diff.max() / features["exact"].float().abs().max()).item()
+    best["blocks"] = len(blocks)
+    best["planned_fast_copies_gb"] = vision_fast_bytes(model.model) / 1e9
     best["image_tokens"] = model.processor.num_tokens(image)
     best["prompt_tokens"] = len(prompt.ids)
     return best
@@ -278,6 +320,15 @@ def main() -> int:
               f"{image['vision_exact_s'] / image['vision_fast_s']:.2f}x), prefill "
               f"{image['image_prefill_s']:.2f} s; time to first token {ttft:.2f} s vs "
               f"{ttft_exact:.2f} s ({ttft / ttft_exact:.2f}x)")
+        print(f"tower alone {image['tower_fast_s']:.2f} s vs {image['tower_exact_s']:.2f} s exact "
+              f"({image['tower_exact_s'] / image['tower_fast_s']:.2f}x); per block (by difference "
+              f"of {image['blocks']} and 1 blocks) {image['block_fast_s'] * 1e3:.0f} ms vs "
+              f"{image['block_exact_s'] * 1e3:.0f} ms exact "
+              f"({image['block_exact_s'] / image['block_fast_s']:.2f}x); resident memory after "
+              f"the first fast image +{image['rss_after_first_fast_gb']:.2f} GB (planned bf16 "
+              f"copies {image['planned_fast_copies_gb']:.2f} GB); fast vs exact features: mean "
+              f"|diff| {image['features_rel_diff_mean']:.2%} of mean |exact|, max "
+              f"{image['features_rel_diff_max']:.2%} of max")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"ceiling_gbps": ceiling, "steps": args.steps, "records": records,

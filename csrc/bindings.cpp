@@ -11,6 +11,7 @@
 namespace py = pybind11;
 
 void bind_attention_ops(py::module_& m);  // ops_attention.cpp
+void bind_vision_ops(py::module_& m);     // ops_vision.cpp
 void bind_quant_ops(py::module_& m);      // ops_quant.cpp
 void bind_decode_layer_ops(py::module_& m);  // ops_decode_layer.cpp
 #ifdef KIMIVL_WITH_CUDA
@@ -98,6 +99,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_devices", &cuda_devices,
         "CUDA devices visible to the extension's CUDA runtime (empty without CUDA or a driver).");
   bind_attention_ops(m);
+  bind_vision_ops(m);
   bind_quant_ops(m);
   bind_decode_layer_ops(m);
 #ifdef KIMIVL_WITH_CUDA

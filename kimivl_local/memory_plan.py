@@ -126,6 +126,17 @@ def module_bytes(model: nn.Module, dtype: torch.dtype, device: torch.device,
     return sizes
 
 
+def vision_fast_bytes(model: nn.Module) -> int:
+    """The bf16 weight copies MoonViT's fast CPU path makes at its first image (TowerLinear,
+    the projector's linears: half their fp32 bytes; 0.83 GB at the real widths), 0 where the
+    path will not run. On the CPU the tower is held in fp32 (Placement.vision_fp32)."""
+    from .model.vision import TowerLinear, fast_path_default
+
+    if not fast_path_default(torch.device("cpu"), torch.float32):
+        return 0
+    return sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, TowerLinear))
+
+
 def activation_bytes(config: KimiVLConfig, max_context: int, prefill_chunk: int,
                      image_patches: int, device: torch.device) -> int:
     """An upper estimate of the transient memory of the largest step: one prefill chunk of the
@@ -189,7 +200,12 @@ def plan_memory(model: nn.Module, config: KimiVLConfig, dtype: torch.dtype, *, d
     host_total = _host_total() if host_total is None else host_total
 
     if compute.type == "cpu":
-        plan = MemoryPlan(cpu_placement, sum(sizes.values()), 0, kv, act, None, host_total)
+        fast_copies = vision_fast_bytes(model)
+        plan = MemoryPlan(cpu_placement, sum(sizes.values()) + fast_copies, 0, kv, act, None,
+                          host_total)
+        if fast_copies:
+            plan.notes.append(f"weights include {_gb(fast_copies)} of bf16 copies for the vision "
+                              f"tower's fast path (KIMIVL_VISION_EXACT=1: none, fp32 speed)")
         if host_total is not None and plan.device_total > host_total:
             raise MemoryPlanError(
                 f"the model needs about {_gb(plan.device_total)} of memory ({plan.summary()}) "
