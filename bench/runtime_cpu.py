@@ -35,8 +35,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
