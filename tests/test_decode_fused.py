@@ -12,7 +12,7 @@ import kimivl_local
 from kimivl_local.model.moe import Router
 from kimivl_local.ops import decode_layer
 from kimivl_local.ops._bridge import kernel, set_backend
-from kimivl_local.ops.decode_layer import FusedDecode, router_topk
+from kimivl_local.ops.decode_layer import router_topk
 
 from kernel_support import ISAS, force_isa
 
