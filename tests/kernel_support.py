@@ -4,7 +4,7 @@ import pytest
 
 from kimivl_local.ext import extension
 
-ISAS = ["portable", "avx2", "avx512_vnni"]
+ISAS = ["portable", "avx2", "avx512_vnni", "amx"]
 
 
 def force_isa(monkeypatch, isa: str, op: str) -> str:

@@ -28,13 +28,16 @@ int useful_threads(double ops, int num_threads) {
 }
 
 // Scratch for quantized activation rows (CPU scratch is per call; Python owns inputs and outputs).
-// Not zero-filled: the quantizer and stage A write every element.
+// Not zero-filled: the quantizer and stage A write every element; only the AMX tiles' slack rows
+// after the last are zeroed.
 struct ActStorage {
   std::unique_ptr<int8_t[]> q;
   std::unique_ptr<float[]> d, ds;
   ActRows rows;
   ActStorage(int64_t n, int64_t kp)
-      : q(new int8_t[n * kp]), d(new float[n * kp / 32]), ds(new float[n * kp / 32]) {
+      : q(new int8_t[(n + kAmxSlackRows) * kp]), d(new float[n * kp / 32]),
+        ds(new float[n * kp / 32]) {
+    std::fill(q.get() + n * kp, q.get() + (n + kAmxSlackRows) * kp, int8_t{0});
     rows = {q.get(), d.get(), ds.get(), kp};
   }
 };
@@ -81,6 +84,10 @@ void check_float_dtype(DType dt, const char* name) {
 
 void dispatch_qgemm(const QGemmArgs& args) {
   switch (selected_isa()) {
+    case Isa::kAmx:
+      if (args.m >= kAmxMinRows) avx512::qgemm_amx(args);
+      else avx512::qgemm(args);
+      break;
     case Isa::kAvx512Vnni: avx512::qgemm(args); break;
     case Isa::kAvx2: avx2::qgemm(args); break;
     default: portable::qgemm(args); break;
@@ -89,6 +96,10 @@ void dispatch_qgemm(const QGemmArgs& args) {
 
 void dispatch_moe(const MoeArgs& args) {
   switch (selected_isa()) {
+    case Isa::kAmx:
+      if (args.tokens >= kAmxMinRows) avx512::moe_amx(args);
+      else avx512::moe(args);
+      break;
     case Isa::kAvx512Vnni: avx512::moe(args); break;
     case Isa::kAvx2: avx2::moe(args); break;
     default: portable::moe(args); break;

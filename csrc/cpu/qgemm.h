@@ -99,4 +99,14 @@ KIMIVL_DECLARE_QGEMM_ISA(avx2)
 KIMIVL_DECLARE_QGEMM_ISA(avx512)
 #undef KIMIVL_DECLARE_QGEMM_ISA
 
+// AMX int8 tiles (qgemm_amx.h, compiled into the avx512 file) for calls of at least kAmxMinRows
+// activation rows; fewer rows stay on avx512's VNNI kernel. The tiles read whole 16-row blocks,
+// so activation storage has kAmxSlackRows zeroed rows after the last.
+constexpr int64_t kAmxMinRows = 16;
+constexpr int64_t kAmxSlackRows = 16;
+namespace avx512 {
+void qgemm_amx(const QGemmArgs& args);
+void moe_amx(const MoeArgs& args);
+}  // namespace avx512
+
 }  // namespace kimivl
