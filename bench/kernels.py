@@ -381,6 +381,8 @@ def main(argv=None) -> None:
         probe, builders, timer = Bandwidth(), CASE_BUILDERS, best_times
         if args.widths:
             builders = [width_sweep_cases]
+        elif args.prefill:
+            builders = [quant_matmul_cases, moe_cases]
     where = "" if args.device == "cpu" else f"device {args.device}, "
     print(f"{where}threads {args.threads}, isa {isa}, load average {os.getloadavg()[0]:.2f}")
     head = (f"{'op':13} {'shape':58} {'ms':>9} {'GB/s':>6} {'ceil':>5} {'%bw':>4} {'GFLOP/s':>8} "
