@@ -139,12 +139,19 @@ def test_amx_listed_only_with_cpu_and_os_support():
 
 
 @pytest.mark.slow
-def test_model_prefill_logits_amx_vs_vnni(quantized, monkeypatch):
-    """Whole-model prefill (the prompt is over 16 tokens): AMX and VNNI within the 1e-4 that
-    test_quant_runtime allows for summation order alone."""
+@pytest.mark.parametrize("recipe", ["int4", "default"])
+def test_model_prefill_logits_amx_vs_vnni(quantized, monkeypatch, recipe):
+    """Whole-model prefill (the prompt is over 16 tokens). int4 (no 8-bit layer): identical
+    logits. default (int8 attention and dense layers): each call agrees to fp32 rounding, but
+    the next layer's int8 activation rounding can flip by one step where a value sits on a tie,
+    and that grows through the layers; measured 0.8% on the random tiny model, held to the 2e-2
+    test_quant_runtime allows for the kernels' activation roundings."""
     force_isa(monkeypatch, "amx", "quant_matmul")
-    api = kimivl_local.load(quantized("default"), device="cpu", dtype=torch.float32)
+    api = kimivl_local.load(quantized(recipe), device="cpu", dtype=torch.float32)
     ids = _ids(api)
     assert ids.numel() >= 16
     amx, vnni = amx_and_vnni(monkeypatch, lambda: _logits(api.model, ids))
-    assert _rel(amx, vnni) < 1e-4
+    if recipe == "int4":
+        assert torch.equal(amx, vnni)
+    else:
+        assert _rel(amx, vnni) < 2e-2
