@@ -84,7 +84,7 @@ const uint8_t* weight_panel(const QWeight& w, int64_t e, int64_t b, uint8_t* buf
 struct AmxScratch {
   std::unique_ptr<uint8_t[]> panels;
   int64_t panel_bytes;
-  alignas(64) int32_t t[4][16][16];
+  alignas(64) int32_t t[2][4][16][16];  // two chunks' int32 results
   alignas(64) float acc[32][32];
   alignas(64) float out[32][32];
   AmxScratch(const QWeight& w, int n_panels)
@@ -116,69 +116,92 @@ inline void rescale_tile(const int32_t (*t)[16], const ActRow* rows, int valid, 
   }
 }
 
+// Signed activations times unsigned codes, or times signed int8 weights.
+#define KIMIVL_TILE_DOT(dst, x, wt)                   \
+  if constexpr (Bits == 8) _tile_dpbssd(dst, x, wt); \
+  else _tile_dpbsud(dst, x, wt);
+
+// The int32 products of chunk c into tiles 0-3 (M-tile i, block j -> tile 2i + j).
+template <int Bits, int MT, int NT>
+inline void chunk_products(const int8_t* a, int64_t kp, const BlockRef* blk, int64_t c) {
+  _tile_loadd(4, a + 32 * c, kp);
+  if constexpr (MT == 2) _tile_loadd(5, a + 16 * kp + 32 * c, kp);
+  _tile_loadd(6, blk[0].panel + c * kChunkTileBytes, 64);
+  if constexpr (NT == 2) _tile_loadd(7, blk[1].panel + c * kChunkTileBytes, 64);
+  _tile_zero(0);
+  KIMIVL_TILE_DOT(0, 4, 6);
+  if constexpr (NT == 2) {
+    _tile_zero(1);
+    KIMIVL_TILE_DOT(1, 4, 7);
+  }
+  if constexpr (MT == 2) {
+    _tile_zero(2);
+    KIMIVL_TILE_DOT(2, 5, 6);
+    if constexpr (NT == 2) {
+      _tile_zero(3);
+      KIMIVL_TILE_DOT(3, 5, 7);
+    }
+  }
+}
+#undef KIMIVL_TILE_DOT
+
+template <int MT, int NT>
+inline void store_products(int32_t (*t)[16][16]) {
+  _tile_stored(0, t[0], 64);
+  if constexpr (NT == 2) _tile_stored(1, t[1], 64);
+  if constexpr (MT == 2) {
+    _tile_stored(2, t[2], 64);
+    if constexpr (NT == 2) _tile_stored(3, t[3], 64);
+  }
+}
+
 // out[r][16 j + n] = sum_k W_j[n][k] * x_hat_r[k] for r < valid (<= 16 MT) and the NT blocks
 // `blk`; the int8 activation rows start at `a` with stride kp (rows past `valid` are read but
 // their results dropped, so the buffer needs 16 MT - valid rows of slack).
+// Software-pipelined: chunk c's int32 results go to buffer c % 2 and are rescaled while the tile
+// unit computes chunk c + 1 (reading a tile store back at once stalls on store forwarding).
 template <int Bits, int MT, int NT>
 void tile_product(const QWeight& w, const int8_t* a, const ActRow* rows, int valid,
                   const BlockRef* blk, AmxScratch& sc) {
-  const int64_t gc = w.group / 32, groups = w.groups(), kp = w.kp;
+  const int64_t gc = w.group / 32, kc = w.kc(), kp = w.kp;
   const int valid0 = std::min(valid, 16), valid1 = valid - valid0;
   const __m512 zconst = _mm512_set1_ps(Bits == 8 ? 0.0f : static_cast<float>(stored_zero(Bits)));
   for (int r = 0; r < valid; ++r)
-    for (int col = 0; col < 16 * NT; col += 16) _mm512_store_ps(sc.out[r] + col, _mm512_setzero_ps());
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int r = 0; r < valid; ++r)
-      for (int col = 0; col < 16 * NT; col += 16) _mm512_store_ps(sc.acc[r] + col, _mm512_setzero_ps());
-    for (int64_t c = g * gc; c < (g + 1) * gc; ++c) {
-      _tile_loadd(4, a + 32 * c, kp);
-      if constexpr (MT == 2) _tile_loadd(5, a + 16 * kp + 32 * c, kp);
-      _tile_loadd(6, blk[0].panel + c * kChunkTileBytes, 64);
-      if constexpr (NT == 2) _tile_loadd(7, blk[1].panel + c * kChunkTileBytes, 64);
-      // Signed activations times unsigned codes, or times signed int8 weights.
-#define KIMIVL_TILE_DOT(dst, x, wt)                     \
-  if constexpr (Bits == 8) _tile_dpbssd(dst, x, wt); \
-  else _tile_dpbsud(dst, x, wt);
-      _tile_zero(0);
-      KIMIVL_TILE_DOT(0, 4, 6);
-      if constexpr (NT == 2) {
-        _tile_zero(1);
-        KIMIVL_TILE_DOT(1, 4, 7);
-      }
-      if constexpr (MT == 2) {
-        _tile_zero(2);
-        KIMIVL_TILE_DOT(2, 5, 6);
-        if constexpr (NT == 2) {
-          _tile_zero(3);
-          KIMIVL_TILE_DOT(3, 5, 7);
-        }
-      }
-#undef KIMIVL_TILE_DOT
-      _tile_stored(0, sc.t[0], 64);
-      if constexpr (NT == 2) _tile_stored(1, sc.t[1], 64);
-      if constexpr (MT == 2) {
-        _tile_stored(2, sc.t[2], 64);
-        if constexpr (NT == 2) _tile_stored(3, sc.t[3], 64);
-      }
-      for (int j = 0; j < NT; ++j) {
-        rescale_tile(sc.t[j], rows, valid0, c, sc.acc, 16 * j);
-        if constexpr (MT == 2) rescale_tile(sc.t[2 + j], rows + 16, valid1, c, sc.acc + 16, 16 * j);
-      }
+    for (int col = 0; col < 16 * NT; col += 16) {
+      _mm512_store_ps(sc.out[r] + col, _mm512_setzero_ps());
+      _mm512_store_ps(sc.acc[r] + col, _mm512_setzero_ps());
     }
+  // Rescale chunk c from its buffer; at the end of a group, fold the group into out.
+  auto finish_chunk = [&](int64_t c) {
+    int32_t(*t)[16][16] = sc.t[c & 1];
+    for (int j = 0; j < NT; ++j) {
+      rescale_tile(t[j], rows, valid0, c, sc.acc, 16 * j);
+      if constexpr (MT == 2) rescale_tile(t[2 + j], rows + 16, valid1, c, sc.acc + 16, 16 * j);
+    }
+    if ((c + 1) % gc != 0) return;
+    const int64_t g = c / gc;
     for (int r = 0; r < valid; ++r) {
       float corr = 0.0f;  // activation-only zero-point term, as in the VNNI kernel
-      for (int64_t c = g * gc; c < (g + 1) * gc; ++c) corr += rows[r].ds[c];
+      for (int64_t cc = g * gc; cc < (g + 1) * gc; ++cc) corr += rows[r].ds[cc];
       const __m512 vcorr = _mm512_set1_ps(corr);
       for (int j = 0; j < NT; ++j) {
         const __m512 s = load_scales16(blk[j].s + 16 * g, w.scale_dtype);
         const __m512 zero = blk[j].z ? load_zeros16(blk[j].z + 16 * g) : zconst;
         float* y = sc.out[r] + 16 * j;
+        float* acc = sc.acc[r] + 16 * j;
         const __m512 prev = _mm512_load_ps(y);
-        _mm512_store_ps(y, _mm512_fmadd_ps(s, _mm512_load_ps(sc.acc[r] + 16 * j),
+        _mm512_store_ps(y, _mm512_fmadd_ps(s, _mm512_load_ps(acc),
                                            _mm512_fnmadd_ps(_mm512_mul_ps(s, zero), vcorr, prev)));
+        _mm512_store_ps(acc, _mm512_setzero_ps());
       }
     }
+  };
+  for (int64_t c = 0; c < kc; ++c) {
+    chunk_products<Bits, MT, NT>(a, kp, blk, c);
+    if (c > 0) finish_chunk(c - 1);
+    store_products<MT, NT>(sc.t[c & 1]);
   }
+  finish_chunk(kc - 1);
 }
 
 // tile_product for a run-time number of rows (1..32) and blocks (1..2).
