@@ -104,7 +104,9 @@ Isa selected_isa() {
     throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
                              " is not one of amx, avx512_vnni, avx2, portable");
   }
-  for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2}) {
+  // Not kAmx: its per-32-K rescaling keeps it at the VNNI path's speed (see qgemm_amx.h), so it
+  // runs only when asked for.
+  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
     if (isa_supported(isa)) return isa;
   }
   return Isa::kPortable;

@@ -24,12 +24,13 @@ const CpuFeatures& cpu_features();
 // Kernel paths, best first. The CPU kernels pick the best one the CPU supports unless the
 // environment variable KIMIVL_ISA names another (so tests can cover every path on one machine).
 // kAmx is avx512_vnni plus AMX int8 tiles for the quantized matmul's prefill (M >= 16); every
-// other kernel treats it as avx512_vnni.
+// other kernel treats it as avx512_vnni. It is chosen only by KIMIVL_ISA=amx (not yet faster).
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
 bool isa_supported(Isa isa);
-// The path in force: KIMIVL_ISA if set (error if the CPU lacks it), else the best supported.
+// The path in force: KIMIVL_ISA if set (error if the CPU lacks it), else the best supported
+// (never kAmx).
 Isa selected_isa();
 
 }  // namespace kimivl

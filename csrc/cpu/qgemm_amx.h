@@ -9,6 +9,12 @@
 // Activations: the int8 rows and per-32-K scales of the VNNI path (so both paths multiply the same
 // integers); one K = 32 tile product per chunk, whose int32 16x16 result is rescaled by the row's
 // chunk scale into fp32, then by the weight group's scale and zero, as the VNNI kernel does.
+// Speed (bench/results/cpu-xeon-2core-2026-12-08-amx.md): about the VNNI path's, not faster.
+// The tile unit is idle most of the time: every 32-K chunk needs its four 16x16 int32 results
+// zeroed, stored and rescaled in fp32 (~450 vector uops per 4 tile products), and the tiles
+// cannot accumulate across chunks. A path that wins needs coarser activation scales (per 128 K,
+// as in full-depth K = 64 tile products accumulating in place), which changes the activation
+// rounding and was not done here; so selected_isa() never picks this path on its own.
 #pragma once
 #include <immintrin.h>
 
