@@ -44,6 +44,7 @@ struct ActRows {
   float* d = nullptr;
   float* ds = nullptr;
   int64_t kp = 0;
+  int64_t block_chunks = 1;  // consecutive 32-K chunks quantized with one scale (d repeated)
   ActRow row(int64_t i) const { return {q + i * kp, d + i * (kp / 32), ds + i * (kp / 32)}; }
 };
 
@@ -76,6 +77,9 @@ struct MoeArgs {
 // Shared by every ISA path (compiled once, baseline flags): the exact activation quantizer.
 // Quantizes x[0..n) (n <= 32, the rest of the block is zero) into q[32], *d, *ds.
 void quantize_block32(const float* x, int n, int8_t* q, float* d, float* ds);
+// The same with one scale for n <= 32 * chunks values: chunk i's codes at q + 32 i, d[i] the
+// block's scale for every i, ds[i] = d[i] * sum(chunk i's codes).
+void quantize_block(const float* x, int n, int chunks, int8_t* q, float* d, float* ds);
 // h = silu(g) * u for one 32-channel block, then quantize_block32.
 void silu_mul_quantize_block32(const float* g, const float* u, int8_t* q, float* d, float* ds);
 // Output rows: fp32 -> dst (fp32 or bf16).

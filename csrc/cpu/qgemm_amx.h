@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <utility>
 
 #include "cpu/parallel.h"
@@ -31,8 +32,8 @@ namespace kimivl {
 namespace avx512 {
 namespace {
 
-// Tiles 0-3: int32 results (M-tile i, N-block j -> tile 2i + j); 4-5: 16 activation rows x 32 K;
-// 6-7: one chunk of a weight block (8 rows of 4 K x 16 output rows).
+// Tiles 0-3: int32 results (M-tile i, N-block j -> tile 2i + j); 4-5: 16 activation rows x KT K;
+// 6-7: KT / 32 chunks of a weight block (KT / 4 rows of 4 K x 16 output rows).
 struct TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -43,11 +44,11 @@ struct TileConfig {
 // Loads the tile configuration for this thread and releases the tile state when done.
 class TileScope {
  public:
-  TileScope() {
+  explicit TileScope(int kt) {
     TileConfig cfg;
     for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 32;
-    for (int t = 6; t < 8; ++t) cfg.rows[t] = 8, cfg.colsb[t] = 64;
+    for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(kt);
+    for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kt / 4), cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
   }
   ~TileScope() { _tile_release(); }
@@ -127,26 +128,28 @@ inline void rescale_tile(const int32_t (*t)[16], const ActRow* rows, int valid, 
   if constexpr (Bits == 8) _tile_dpbssd(dst, x, wt); \
   else _tile_dpbsud(dst, x, wt);
 
-// The int32 products of chunk c into tiles 0-3 (M-tile i, block j -> tile 2i + j).
+template <int MT, int NT>
+inline void zero_products() {
+  _tile_zero(0);
+  if constexpr (NT == 2) _tile_zero(1);
+  if constexpr (MT == 2) {
+    _tile_zero(2);
+    if constexpr (NT == 2) _tile_zero(3);
+  }
+}
+
+// Adds the int32 products of K = KT from chunk c on to tiles 0-3 (M-tile i, block j -> 2i + j).
 template <int Bits, int MT, int NT>
-inline void chunk_products(const int8_t* a, int64_t kp, const BlockRef* blk, int64_t c) {
+inline void add_products(const int8_t* a, int64_t kp, const BlockRef* blk, int64_t c) {
   _tile_loadd(4, a + 32 * c, kp);
   if constexpr (MT == 2) _tile_loadd(5, a + 16 * kp + 32 * c, kp);
   _tile_loadd(6, blk[0].panel + c * kChunkTileBytes, 64);
   if constexpr (NT == 2) _tile_loadd(7, blk[1].panel + c * kChunkTileBytes, 64);
-  _tile_zero(0);
   KIMIVL_TILE_DOT(0, 4, 6);
-  if constexpr (NT == 2) {
-    _tile_zero(1);
-    KIMIVL_TILE_DOT(1, 4, 7);
-  }
+  if constexpr (NT == 2) KIMIVL_TILE_DOT(1, 4, 7);
   if constexpr (MT == 2) {
-    _tile_zero(2);
     KIMIVL_TILE_DOT(2, 5, 6);
-    if constexpr (NT == 2) {
-      _tile_zero(3);
-      KIMIVL_TILE_DOT(3, 5, 7);
-    }
+    if constexpr (NT == 2) KIMIVL_TILE_DOT(3, 5, 7);
   }
 }
 #undef KIMIVL_TILE_DOT
@@ -164,12 +167,14 @@ inline void store_products(int32_t (*t)[16][16]) {
 // out[r][16 j + n] = sum_k W_j[n][k] * x_hat_r[k] for r < valid (<= 16 MT) and the NT blocks
 // `blk`; the int8 activation rows start at `a` with stride kp (rows past `valid` are read but
 // their results dropped, so the buffer needs 16 MT - valid rows of slack).
-// Software-pipelined: chunk c's int32 results go to buffer c % 2 and are rescaled while the tile
-// unit computes chunk c + 1 (reading a tile store back at once stalls on store forwarding).
-template <int Bits, int MT, int NT>
+// The tiles accumulate over a span of `span` chunks (a multiple of KT / 32) that share one
+// activation scale and lie in one weight group, then are stored and rescaled once. Software-
+// pipelined: span s's int32 results go to buffer s % 2 and are rescaled while the tile unit
+// computes span s + 1 (reading a tile store back at once stalls on store forwarding).
+template <int Bits, int MT, int NT, int KT>
 void tile_product(const QWeight& w, const int8_t* a, const ActRow* rows, int valid,
-                  const BlockRef* blk, AmxScratch& sc) {
-  const int64_t gc = w.group / 32, kc = w.kc(), kp = w.kp;
+                  const BlockRef* blk, int64_t span, AmxScratch& sc) {
+  const int64_t gc = w.group / 32, spans = w.kc() / span, kp = w.kp;
   const int valid0 = std::min(valid, 16), valid1 = valid - valid0;
   const __m512 zconst = _mm512_set1_ps(Bits == 8 ? 0.0f : static_cast<float>(stored_zero(Bits)));
   for (int r = 0; r < valid; ++r)
@@ -177,50 +182,68 @@ void tile_product(const QWeight& w, const int8_t* a, const ActRow* rows, int val
       _mm512_store_ps(sc.out[r] + col, _mm512_setzero_ps());
       _mm512_store_ps(sc.acc[r] + col, _mm512_setzero_ps());
     }
-  // Rescale chunk c from its buffer; at the end of a group, fold the group into out.
-  auto finish_chunk = [&](int64_t c) {
-    int32_t(*t)[16][16] = sc.t[c & 1];
+  // Rescale span sp from its buffer; at the end of a group, fold the group into out.
+  auto finish_span = [&](int64_t sp) {
+    int32_t(*t)[16][16] = sc.t[sp & 1];
+    const int64_t c = sp * span;
     for (int j = 0; j < NT; ++j) {
       rescale_tile(t[j], rows, valid0, c, sc.acc, 16 * j);
       if constexpr (MT == 2) rescale_tile(t[2 + j], rows + 16, valid1, c, sc.acc + 16, 16 * j);
     }
-    if ((c + 1) % gc != 0) return;
+    if ((c + span) % gc != 0) return;
     const int64_t g = c / gc;
+    __m512 s[NT], zs[NT];
+    for (int j = 0; j < NT; ++j) {
+      s[j] = load_scales16(blk[j].s + 16 * g, w.scale_dtype);
+      zs[j] = _mm512_mul_ps(s[j], blk[j].z ? load_zeros16(blk[j].z + 16 * g) : zconst);
+    }
     for (int r = 0; r < valid; ++r) {
       float corr = 0.0f;  // activation-only zero-point term, as in the VNNI kernel
       for (int64_t cc = g * gc; cc < (g + 1) * gc; ++cc) corr += rows[r].ds[cc];
       const __m512 vcorr = _mm512_set1_ps(corr);
       for (int j = 0; j < NT; ++j) {
-        const __m512 s = load_scales16(blk[j].s + 16 * g, w.scale_dtype);
-        const __m512 zero = blk[j].z ? load_zeros16(blk[j].z + 16 * g) : zconst;
         float* y = sc.out[r] + 16 * j;
         float* acc = sc.acc[r] + 16 * j;
         const __m512 prev = _mm512_load_ps(y);
-        _mm512_store_ps(y, _mm512_fmadd_ps(s, _mm512_load_ps(acc),
-                                           _mm512_fnmadd_ps(_mm512_mul_ps(s, zero), vcorr, prev)));
+        _mm512_store_ps(y, _mm512_fmadd_ps(s[j], _mm512_load_ps(acc),
+                                           _mm512_fnmadd_ps(zs[j], vcorr, prev)));
         _mm512_store_ps(acc, _mm512_setzero_ps());
       }
     }
   };
-  for (int64_t c = 0; c < kc; ++c) {
-    chunk_products<Bits, MT, NT>(a, kp, blk, c);
-    if (c > 0) finish_chunk(c - 1);
-    store_products<MT, NT>(sc.t[c & 1]);
+  for (int64_t sp = 0; sp < spans; ++sp) {
+    zero_products<MT, NT>();
+    for (int64_t c = sp * span; c < (sp + 1) * span; c += KT / 32)
+      add_products<Bits, MT, NT>(a, kp, blk, c);
+    if (sp > 0) finish_span(sp - 1);
+    store_products<MT, NT>(sc.t[sp & 1]);
   }
-  finish_chunk(kc - 1);
+  finish_span(spans - 1);
 }
 
 // tile_product for a run-time number of rows (1..32) and blocks (1..2).
-template <int Bits>
+template <int Bits, int KT>
 void tile_product_any(const QWeight& w, const int8_t* a, const ActRow* rows, int valid,
-                      const BlockRef* blk, int nt, AmxScratch& sc) {
+                      const BlockRef* blk, int nt, int64_t span, AmxScratch& sc) {
   if (valid > 16) {
-    if (nt == 2) tile_product<Bits, 2, 2>(w, a, rows, valid, blk, sc);
-    else tile_product<Bits, 2, 1>(w, a, rows, valid, blk, sc);
+    if (nt == 2) tile_product<Bits, 2, 2, KT>(w, a, rows, valid, blk, span, sc);
+    else tile_product<Bits, 2, 1, KT>(w, a, rows, valid, blk, span, sc);
   } else {
-    if (nt == 2) tile_product<Bits, 1, 2>(w, a, rows, valid, blk, sc);
-    else tile_product<Bits, 1, 1>(w, a, rows, valid, blk, sc);
+    if (nt == 2) tile_product<Bits, 1, 2, KT>(w, a, rows, valid, blk, span, sc);
+    else tile_product<Bits, 1, 1, KT>(w, a, rows, valid, blk, span, sc);
   }
+}
+
+// Chunks per accumulation span: those sharing one activation scale within one weight group.
+int64_t span_chunks(const QWeight& w, const ActRows& act) {
+  return std::gcd(act.block_chunks, w.group / 32);
+}
+
+// f(std::integral_constant<int, KT>()) with K = 64 tile products where the span allows.
+template <typename F>
+void with_tile_k(int64_t span, F&& f) {
+  if (span % 2 == 0) f(std::integral_constant<int, 64>());
+  else f(std::integral_constant<int, 32>());
 }
 
 // Items are pairs of row blocks (32 output columns); each unpacks its blocks once and runs every
@@ -231,8 +254,11 @@ void qgemm_amx_bits(const QGemmArgs& a) {
   const int64_t nb = w.nb(), items = (nb + 1) / 2;
   char* y = static_cast<char*>(a.y);
   const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t span = span_chunks(w, a.act);
+  with_tile_k(span, [&](auto kt) {
+  constexpr int KT = decltype(kt)::value;
   parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles;
+    TileScope tiles(KT);
     AmxScratch sc(w, 2);
     ActRow rows[32];
     for (int64_t item = begin; item < end; ++item) {
@@ -244,11 +270,12 @@ void qgemm_amx_bits(const QGemmArgs& a) {
       for (int64_t m0 = 0; m0 < a.m; m0 += 32) {
         const int valid = static_cast<int>(std::min<int64_t>(32, a.m - m0));
         for (int i = 0; i < valid; ++i) rows[i] = a.act.row(m0 + i);
-        tile_product_any<Bits>(w, rows[0].q, rows, valid, blk, nt, sc);
+        tile_product_any<Bits, KT>(w, rows[0].q, rows, valid, blk, nt, span, sc);
         for (int i = 0; i < valid; ++i)
           store_row(sc.out[i], cols, y + ((m0 + i) * w.n + 16 * b0) * esize, a.y_dtype);
       }
     }
+  });
   });
 }
 
@@ -258,8 +285,11 @@ template <int Bits>
 void moe_gate_up_amx(const MoeArgs& a, const int8_t* xg) {
   const QWeight& w = a.w13;
   const int64_t inter = w.n / 2, cbs = inter / 32, up = inter / 16;
+  const int64_t span = span_chunks(w, a.x);
+  with_tile_k(span, [&](auto kt) {
+  constexpr int KT = decltype(kt)::value;
   parallel_for(a.n_active * cbs, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles;
+    TileScope tiles(KT);
     AmxScratch sc(w, 4);
     alignas(64) float gate[32][32];
     ActRow rows[32];
@@ -273,9 +303,9 @@ void moe_gate_up_amx(const MoeArgs& a, const int8_t* xg) {
       for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
         const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
         for (int i = 0; i < valid; ++i) rows[i] = a.x.row(a.pair_token[p + i]);
-        tile_product_any<Bits>(w, xg + p * w.kp, rows, valid, g, 2, sc);
+        tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, g, 2, span, sc);
         for (int i = 0; i < valid; ++i) std::memcpy(gate[i], sc.out[i], sizeof(gate[i]));
-        tile_product_any<Bits>(w, xg + p * w.kp, rows, valid, u, 2, sc);
+        tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, u, 2, span, sc);
         for (int i = 0; i < valid; ++i) {
           const int64_t row = p + i, chunk = row * (inter / 32) + cb;
           silu_mul_quantize_block32(gate[i], sc.out[i], a.h.q + row * inter + 32 * cb,
@@ -283,6 +313,7 @@ void moe_gate_up_amx(const MoeArgs& a, const int8_t* xg) {
         }
       }
     }
+  });
   });
 }
 
@@ -294,8 +325,9 @@ void moe_down_amx(const MoeArgs& a) {
   const int64_t nb = w.nb(), width = 16 * nb, items = (nb + 1) / 2;
   char* y = static_cast<char*>(a.y);
   const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t span = span_chunks(w, a.h);  // h is quantized per 32 channels: span 1
   parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles;
+    TileScope tiles(32);
     AmxScratch sc(w, 2);
     ActRow rows[32];
     for (int64_t item = begin; item < end; ++item) {
@@ -310,7 +342,7 @@ void moe_down_amx(const MoeArgs& a) {
         for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
           const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
           for (int i = 0; i < valid; ++i) rows[i] = a.h.row(p + i);
-          tile_product_any<Bits>(w, rows[0].q, rows, valid, blk, nt, sc);
+          tile_product_any<Bits, 32>(w, rows[0].q, rows, valid, blk, nt, span, sc);
           for (int i = 0; i < valid; ++i) {
             float* dst = a.acc + a.pair_token[p + i] * width + 16 * b0;
             const float wt = a.pair_weight[p + i];
