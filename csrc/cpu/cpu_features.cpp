@@ -104,8 +104,8 @@ Isa selected_isa() {
     throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
                              " is not one of amx, avx512_vnni, avx2, portable");
   }
-  // Not kAmx: its per-32-K rescaling keeps it at the VNNI path's speed (see qgemm_amx.h), so it
-  // runs only when asked for.
+  // Not kAmx: it is faster for prefill, but its per-128-K activation scales about double the
+  // activation rounding error on rows with outliers (qgemm_amx.h), so it runs only when asked for.
   for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
     if (isa_supported(isa)) return isa;
   }

@@ -1,6 +1,7 @@
 // Quantized-weight matmul and MoE expert block on the CPU: shared types and the dispatch entry
 // points. Weight layout: kimivl_local/quant/cpu_layout.py (16-row blocks x 32-K chunks, one
-// 32-bit lane per output row). Activations are quantized to int8 per 32-element block on the fly:
+// 32-bit lane per output row). Activations are quantized to int8 per 32-element block on the fly
+// (per 128 on the AMX path, the scale then repeated for each of the block's 32-chunks):
 //   x_hat[k] = d[b] * qa[k],  d[b] = amax_b / 127,  qa = round_half_even(x * (127 / amax_b)),
 // with ds[b] = d[b] * sum(qa over the block) kept beside it. For one output row and weight group
 // with scale s and zero z (of the stored value v):

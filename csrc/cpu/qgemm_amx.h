@@ -6,15 +6,16 @@
 // is exactly 8 rows of the VNNI-by-4 B tile TDPBSUD/TDPBSSD take. int8 blocks are used in place;
 // narrower widths are unpacked once per (expert, row block) into a per-thread panel of unsigned
 // codes (kp * 16 bytes, L2-resident) and reused for all of that expert's rows.
-// Activations: the int8 rows and per-32-K scales of the VNNI path (so both paths multiply the same
-// integers); one K = 32 tile product per chunk, whose int32 16x16 result is rescaled by the row's
-// chunk scale into fp32, then by the weight group's scale and zero, as the VNNI kernel does.
-// Speed (bench/results/cpu-xeon-2core-2026-12-08-amx.md): about the VNNI path's, not faster.
-// The tile unit is idle most of the time: every 32-K chunk needs its four 16x16 int32 results
-// zeroed, stored and rescaled in fp32 (~450 vector uops per 4 tile products), and the tiles
-// cannot accumulate across chunks. A path that wins needs coarser activation scales (per 128 K,
-// as in full-depth K = 64 tile products accumulating in place), which changes the activation
-// rounding and was not done here; so selected_isa() never picks this path on its own.
+// Activations: int8 rows with one scale per 128 K where K (rounded up to 32) allows
+// (ActRows::block_chunks = 4; qgemm.cpp quantizes them so for this path), else per 32 K as on the
+// VNNI path. The tiles accumulate int32 products (K = 64 each, or 32 for odd spans) over a span of
+// chunks sharing one activation scale within one weight group, then one store and fp32 rescale by
+// the row's scale per span, then the weight group's scale and zero in the VNNI kernel's order.
+// Per 32 K every chunk needs its own store and rescale, which left the tile unit idle and this
+// path at the VNNI path's speed; per 128 K it is 1.1-1.3x faster for prefill, at about twice the
+// activation rounding error on rows with outliers (bench/results/cpu-xeon-2core-2026-12-08-amx.md),
+// so selected_isa() never picks it on its own. The MoE down projection's input h stays per 32
+// (stage A quantizes it per 32 channels), so stage B runs per-chunk spans.
 #pragma once
 #include <immintrin.h>
 
