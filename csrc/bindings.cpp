@@ -43,7 +43,8 @@ py::dict build_info() {
   info["cuda_note"] = KIMIVL_CUDA_NOTE;
   info["cpu_features"] = cpu_feature_dict();
   py::list isas;
-  for (auto isa : {kimivl::Isa::kAmx, kimivl::Isa::kAvx512Vnni, kimivl::Isa::kAvx2, kimivl::Isa::kPortable})
+  for (auto isa : {kimivl::Isa::kAmx, kimivl::Isa::kAvx512Vnni, kimivl::Isa::kAvx2,
+                   kimivl::Isa::kPortable})
     if (kimivl::isa_supported(isa)) isas.append(kimivl::isa_name(isa));
   info["cpu_isas_supported"] = isas;
   try {

@@ -22,7 +22,13 @@ from kimivl_local.quant.cpu_layout import dequantize
 from kernel_support import ISAS, activation_block, force_isa
 from test_moe_kernel import make_experts, oracle
 from test_quant_matmul import make_weight, tolerance
-from test_quant_runtime import _ids, _logits, _rel, restore_backend  # noqa: F401 (fixture)
+from test_quant_runtime import _ids, _logits, _rel
+
+
+@pytest.fixture
+def restore_backend():
+    yield
+    set_backend("auto")
 
 
 @pytest.fixture(params=ISAS)

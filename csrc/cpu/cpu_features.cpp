@@ -97,7 +97,10 @@ Isa selected_isa() {
     for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kPortable}) {
       if (std::strcmp(forced, isa_name(isa)) == 0) {
         if (!isa_supported(isa))
-          throw std::runtime_error(std::string("KIMIVL_ISA=") + forced + " but this CPU does not support it");
+          throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
+                                   (isa == Isa::kAmx && cpu_features().amx_int8
+                                        ? " but the OS did not grant this process AMX tile state"
+                                        : " but this CPU does not support it"));
         return isa;
       }
     }

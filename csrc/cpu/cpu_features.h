@@ -24,7 +24,8 @@ const CpuFeatures& cpu_features();
 // Kernel paths, best first. The CPU kernels pick the best one the CPU supports unless the
 // environment variable KIMIVL_ISA names another (so tests can cover every path on one machine).
 // kAmx is avx512_vnni plus AMX int8 tiles for the quantized matmul's prefill (M >= 16); every
-// other kernel treats it as avx512_vnni. It is chosen only by KIMIVL_ISA=amx (coarser activation scales).
+// other kernel treats it as avx512_vnni. Only KIMIVL_ISA=amx selects it (coarser activation
+// scales, see qgemm_amx.h).
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
