@@ -257,26 +257,26 @@ void qgemm_amx_bits(const QGemmArgs& a) {
   const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
   const int64_t span = span_chunks(w, a.act);
   with_tile_k(span, [&](auto kt) {
-  constexpr int KT = decltype(kt)::value;
-  parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles(KT);
-    AmxScratch sc(w, 2);
-    ActRow rows[32];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b0 = 2 * item;
-      const int nt = static_cast<int>(std::min<int64_t>(2, nb - b0));
-      BlockRef blk[2];
-      for (int j = 0; j < nt; ++j) blk[j] = block_ref<Bits>(w, 0, b0 + j, sc.panel(j));
-      const int64_t cols = std::min<int64_t>(16 * nt, w.n - 16 * b0);
-      for (int64_t m0 = 0; m0 < a.m; m0 += 32) {
-        const int valid = static_cast<int>(std::min<int64_t>(32, a.m - m0));
-        for (int i = 0; i < valid; ++i) rows[i] = a.act.row(m0 + i);
-        tile_product_any<Bits, KT>(w, rows[0].q, rows, valid, blk, nt, span, sc);
-        for (int i = 0; i < valid; ++i)
-          store_row(sc.out[i], cols, y + ((m0 + i) * w.n + 16 * b0) * esize, a.y_dtype);
+    constexpr int KT = decltype(kt)::value;
+    parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+      TileScope tiles(KT);
+      AmxScratch sc(w, 2);
+      ActRow rows[32];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b0 = 2 * item;
+        const int nt = static_cast<int>(std::min<int64_t>(2, nb - b0));
+        BlockRef blk[2];
+        for (int j = 0; j < nt; ++j) blk[j] = block_ref<Bits>(w, 0, b0 + j, sc.panel(j));
+        const int64_t cols = std::min<int64_t>(16 * nt, w.n - 16 * b0);
+        for (int64_t m0 = 0; m0 < a.m; m0 += 32) {
+          const int valid = static_cast<int>(std::min<int64_t>(32, a.m - m0));
+          for (int i = 0; i < valid; ++i) rows[i] = a.act.row(m0 + i);
+          tile_product_any<Bits, KT>(w, rows[0].q, rows, valid, blk, nt, span, sc);
+          for (int i = 0; i < valid; ++i)
+            store_row(sc.out[i], cols, y + ((m0 + i) * w.n + 16 * b0) * esize, a.y_dtype);
+        }
       }
-    }
-  });
+    });
   });
 }
 
@@ -288,33 +288,33 @@ void moe_gate_up_amx(const MoeArgs& a, const int8_t* xg) {
   const int64_t inter = w.n / 2, cbs = inter / 32, up = inter / 16;
   const int64_t span = span_chunks(w, a.x);
   with_tile_k(span, [&](auto kt) {
-  constexpr int KT = decltype(kt)::value;
-  parallel_for(a.n_active * cbs, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles(KT);
-    AmxScratch sc(w, 4);
-    alignas(64) float gate[32][32];
-    ActRow rows[32];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = a.active[item / cbs], cb = item % cbs;
-      const BlockRef g[2] = {block_ref<Bits>(w, e, 2 * cb, sc.panel(0)),
-                             block_ref<Bits>(w, e, 2 * cb + 1, sc.panel(1))};
-      const BlockRef u[2] = {block_ref<Bits>(w, e, up + 2 * cb, sc.panel(2)),
-                             block_ref<Bits>(w, e, up + 2 * cb + 1, sc.panel(3))};
-      const int64_t p1 = a.expert_offsets[e + 1];
-      for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
-        const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
-        for (int i = 0; i < valid; ++i) rows[i] = a.x.row(a.pair_token[p + i]);
-        tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, g, 2, span, sc);
-        for (int i = 0; i < valid; ++i) std::memcpy(gate[i], sc.out[i], sizeof(gate[i]));
-        tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, u, 2, span, sc);
-        for (int i = 0; i < valid; ++i) {
-          const int64_t row = p + i, chunk = row * (inter / 32) + cb;
-          silu_mul_quantize_block32(gate[i], sc.out[i], a.h.q + row * inter + 32 * cb,
-                                    a.h.d + chunk, a.h.ds + chunk);
+    constexpr int KT = decltype(kt)::value;
+    parallel_for(a.n_active * cbs, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+      TileScope tiles(KT);
+      AmxScratch sc(w, 4);
+      alignas(64) float gate[32][32];
+      ActRow rows[32];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t e = a.active[item / cbs], cb = item % cbs;
+        const BlockRef g[2] = {block_ref<Bits>(w, e, 2 * cb, sc.panel(0)),
+                               block_ref<Bits>(w, e, 2 * cb + 1, sc.panel(1))};
+        const BlockRef u[2] = {block_ref<Bits>(w, e, up + 2 * cb, sc.panel(2)),
+                               block_ref<Bits>(w, e, up + 2 * cb + 1, sc.panel(3))};
+        const int64_t p1 = a.expert_offsets[e + 1];
+        for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
+          const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
+          for (int i = 0; i < valid; ++i) rows[i] = a.x.row(a.pair_token[p + i]);
+          tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, g, 2, span, sc);
+          for (int i = 0; i < valid; ++i) std::memcpy(gate[i], sc.out[i], sizeof(gate[i]));
+          tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, u, 2, span, sc);
+          for (int i = 0; i < valid; ++i) {
+            const int64_t row = p + i, chunk = row * (inter / 32) + cb;
+            silu_mul_quantize_block32(gate[i], sc.out[i], a.h.q + row * inter + 32 * cb,
+                                      a.h.d + chunk, a.h.ds + chunk);
+          }
         }
       }
-    }
-  });
+    });
   });
 }
 
