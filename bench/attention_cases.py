@@ -115,7 +115,7 @@ def kernel_isa() -> str:
     info = build_info()
     if not info["available"]:
         return "torch-fallback"
-    return "avx2" if info.get("cpu_isa_selected") in ("avx2", "avx512_vnni") else "portable"
+    return "avx2" if info.get("cpu_isa_selected") in ("avx2", "avx512_vnni", "amx") else "portable"
 
 
 def varlen_case(lengths: list[int], dtype: torch.dtype, heads: int = 16, dim: int = 72) -> Case:

@@ -13,6 +13,10 @@ dequantized weights (torch_fp32_seconds the same in fp32), timed in the same rou
 cases rotate over enough weight copies (or experts) that nothing is served from the L3 cache.
 Compare ratios within one run: on shared machines absolute times are noise.
 
+--isa-ab amx,avx512_vnni times the CPU cases once per named kernel path (KIMIVL_ISA, switched
+per call), round-robin in the same rounds as torch and the probe: one row per path, so the
+paths' ratios come from one run. --prefill keeps only the M = 512 cases.
+
 --widths runs only the width sweep (width_sweep_cases: the routed-expert block at M = 1 for 2, 3,
 4, 5, 6 and 8 bits; bytes and time per call should fall with the width).
 
@@ -82,7 +86,7 @@ def quant_matmul_cases(args) -> list[Case]:
     for (name, n, k), (sname, scheme), m in itertools.product(
             [("q_proj", 3072, HIDDEN), ("o_proj", HIDDEN, HIDDEN), ("lm_head", 163840, HIDDEN)],
             SCHEMES.items(), [1, 512]):
-        if m > 1 and (args.quick or name == "lm_head"):
+        if m > 1 and (args.quick or name == "lm_head") or m == 1 and args.prefill:
             continue
         w = to_cpu_layout(random_weight((n, k), scheme))
         ws = [w]
@@ -132,7 +136,7 @@ def moe_cases(args) -> list[Case]:
         d13, d2 = (dequantize(w) for w in quant[0])
         dense = {torch.float32: [(d13, d2)]}
         dense[torch.bfloat16] = [(d13.bfloat16(), d2.bfloat16())]
-        for m in [1] if args.quick else [1, 512]:
+        for m in [1] if args.quick else [512] if args.prefill else [1, 512]:
             x = torch.randn(m, HIDDEN).bfloat16()
             g = torch.Generator().manual_seed(m)
             if m == 1 and e > 1:  # consecutive calls take disjoint experts: each is cold again
@@ -316,6 +320,17 @@ class Bandwidth:
         return self.buf.numel() * 4
 
 
+def under_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the CPU kernels forced onto one path (the extension reads KIMIVL_ISA per call)."""
+    def run():
+        os.environ["KIMIVL_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            os.environ.pop("KIMIVL_ISA")
+    return run
+
+
 def best_times(fns: dict[str, Callable[[], object]], reps: int, budget_s: float = 60.0) -> dict:
     """Best time of each function, called round-robin (one warm-up call each)."""
     for fn in fns.values():
@@ -339,9 +354,16 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="decode shapes only")
     parser.add_argument("--widths", action="store_true",
                         help="only the CPU width sweep (routed experts at 2-8 bits, M = 1)")
+    parser.add_argument("--prefill", action="store_true", help="prefill shapes (M = 512) only")
+    parser.add_argument("--isa-ab", default="",
+                        help="comma-separated CPU kernel paths (KIMIVL_ISA names) to time side by "
+                             "side, e.g. amx,avx512_vnni")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: the CPU kernels (default); cuda: the CUDA kernels")
     args = parser.parse_args(argv)
+    isas = [p for p in args.isa_ab.split(",") if p]
+    if isas and args.device != "cpu":
+        raise SystemExit("--isa-ab names CPU kernel paths: use it with --device cpu")
     torch.set_num_threads(args.threads)
     os.environ["KIMIVL_NUM_THREADS"] = str(args.threads)
     info = build_info()
@@ -359,6 +381,8 @@ def main(argv=None) -> None:
         probe, builders, timer = Bandwidth(), CASE_BUILDERS, best_times
         if args.widths:
             builders = [width_sweep_cases]
+        elif args.prefill:
+            builders = [quant_matmul_cases, moe_cases]
     where = "" if args.device == "cpu" else f"device {args.device}, "
     print(f"{where}threads {args.threads}, isa {isa}, load average {os.getloadavg()[0]:.2f}")
     head = (f"{'op':13} {'shape':58} {'ms':>9} {'GB/s':>6} {'ceil':>5} {'%bw':>4} {'GFLOP/s':>8} "
@@ -369,25 +393,29 @@ def main(argv=None) -> None:
         for case in builder(args):
             if args.filter and args.filter not in f"{case.op} {case.shape}":
                 continue
-            fns = {"ours": case.run, "bw": probe}
+            paths = {p: under_isa(p, case.run) for p in isas} if isas else {isa: case.run}
+            fns = {**paths, "bw": probe}
             if case.torch_bf16:
                 fns["bf16"] = case.torch_bf16
             if case.torch_fp32:
                 fns["fp32"] = case.torch_fp32
             best = timer(fns, case.reps)
-            sec, ceiling = best["ours"], probe.nbytes / best["bw"] / 1e9
+            ceiling = probe.nbytes / best["bw"] / 1e9
             t16, t32 = best.get("bf16"), best.get("fp32")
-            rec = {"op": case.op, "backend": args.device, "isa": isa, "shape": case.shape,
-                   "seconds": sec,
-                   "gbps": case.bytes / sec / 1e9, "gflops": case.flops / sec / 1e9,
-                   "ceiling_gbps": ceiling, "torch_seconds": t16, "torch_fp32_seconds": t32}
-            records.append(rec)
-            fmt = lambda t: f"{t * 1e3:9.3f}" if t else f"{'-':>9}"  # noqa: E731
-            ratio = lambda t: f"{t / sec:6.2f}" if t else f"{'-':>6}"  # noqa: E731
-            print(f"{case.op:13} {case.shape:58} {sec * 1e3:9.3f} {rec['gbps']:6.1f} "
-                  f"{ceiling:5.1f} {100 * rec['gbps'] / ceiling:4.0f} {rec['gflops']:8.1f} "
-                  f"{fmt(t16)} {fmt(t32)} "
-                  f"{ratio(t16)} {ratio(t32)}", flush=True)
+            for path in paths:
+                sec = best[path]
+                rec = {"op": case.op, "backend": args.device, "isa": path, "shape": case.shape,
+                       "seconds": sec,
+                       "gbps": case.bytes / sec / 1e9, "gflops": case.flops / sec / 1e9,
+                       "ceiling_gbps": ceiling, "torch_seconds": t16, "torch_fp32_seconds": t32}
+                records.append(rec)
+                fmt = lambda t: f"{t * 1e3:9.3f}" if t else f"{'-':>9}"  # noqa: E731
+                ratio = lambda t: f"{t / sec:6.2f}" if t else f"{'-':>6}"  # noqa: E731
+                label = f"{case.shape} [{path}]" if isas else case.shape
+                print(f"{case.op:13} {label:58} {sec * 1e3:9.3f} {rec['gbps']:6.1f} "
+                      f"{ceiling:5.1f} {100 * rec['gbps'] / ceiling:4.0f} {rec['gflops']:8.1f} "
+                      f"{fmt(t16)} {fmt(t32)} "
+                      f"{ratio(t16)} {ratio(t32)}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:

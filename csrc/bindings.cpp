@@ -34,6 +34,7 @@ py::dict cpu_feature_dict() {
   d["avx512_bf16"] = f.avx512_bf16;
   d["avx_vnni"] = f.avx_vnni;
   d["amx_int8"] = f.amx_int8;
+  d["amx_permitted"] = f.amx_permitted;
   return d;
 }
 
@@ -44,7 +45,8 @@ py::dict build_info() {
   info["cuda_note"] = KIMIVL_CUDA_NOTE;
   info["cpu_features"] = cpu_feature_dict();
   py::list isas;
-  for (auto isa : {kimivl::Isa::kAvx512Vnni, kimivl::Isa::kAvx2, kimivl::Isa::kPortable})
+  for (auto isa : {kimivl::Isa::kAmx, kimivl::Isa::kAvx512Vnni, kimivl::Isa::kAvx2,
+                   kimivl::Isa::kPortable})
     if (kimivl::isa_supported(isa)) isas.append(kimivl::isa_name(isa));
   info["cpu_isas_supported"] = isas;
   try {

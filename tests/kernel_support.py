@@ -4,7 +4,7 @@ import pytest
 
 from kimivl_local.ext import extension
 
-ISAS = ["portable", "avx2", "avx512_vnni"]
+ISAS = ["portable", "avx2", "avx512_vnni", "amx"]
 
 
 def force_isa(monkeypatch, isa: str, op: str) -> str:
@@ -17,3 +17,10 @@ def force_isa(monkeypatch, isa: str, op: str) -> str:
         pytest.skip(f"this CPU does not support {isa}")
     monkeypatch.setenv("KIMIVL_ISA", isa)
     return isa
+
+
+def activation_block(isa: str, rows: int, in_features: int) -> int:
+    """The span of K the CPU kernels quantize activations over (csrc/cpu/qgemm.cpp): 128 on the
+    AMX path for 16 or more rows where K rounded up to 32 is a multiple of 128, else 32."""
+    kp = -(-in_features // 32) * 32
+    return 128 if isa == "amx" and rows >= 16 and kp % 128 == 0 else 32

@@ -22,7 +22,7 @@ from kimivl_local.ops import moe_block, moe_block_reference, quantize_activation
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
-from kernel_support import ISAS, force_isa
+from kernel_support import ISAS, activation_block, force_isa
 
 moe_mod = sys.modules["kimivl_local.ops.moe"]
 
@@ -63,8 +63,10 @@ def quantize_with_slack(h, eps):
     return hq.flatten(-2), slack.flatten(-2), int(ambiguous.sum())
 
 
-def oracle(x, weights, ids, w13, w2):
-    xh = quantize_activations_reference(x)
+def oracle(x, weights, ids, w13, w2, block=32):
+    """fp64 result and bound, for inputs quantized per `block` K (kernel_support.activation_block;
+    h is quantized per 32 on every path)."""
+    xh = quantize_activations_reference(x, block)
     w13d, w2d = dequantize(w13, torch.float64), dequantize(w2, torch.float64)
     out = torch.zeros(x.shape, dtype=torch.float64)
     tol = torch.zeros(x.shape, dtype=torch.float64)
@@ -115,7 +117,7 @@ def test_against_fp64(isa, t, e, k, hidden, inter, mode, s13, s2):
     w13, w2 = make_experts(e, hidden, inter, s13, s2, seed=t + e)
     weights, ids = route(t, e, k, seed=t, mode=mode)
     x = torch.randn(t, hidden, generator=torch.Generator().manual_seed(k)).bfloat16()
-    y_o, tol = oracle(x, weights, ids, w13, w2)
+    y_o, tol = oracle(x, weights, ids, w13, w2, activation_block(isa, t, hidden))
     tol_bf16 = tol + 2.0 ** -8 * y_o.abs()
     # Against the fp32 reference without activation quantization: int8 per 32 costs ~0.5% per GEMM.
     ref = moe_block_reference(x.double(), weights, ids, w13, w2)
@@ -134,7 +136,7 @@ def test_prefill_512_tokens(isa):
     weights, ids = route(512, 16, 6, seed=6)
     x = torch.randn(512, 128)
     y = moe_block(x, weights, ids.to(torch.int32), w13, w2)
-    y_o, tol = oracle(x, weights, ids, w13, w2)
+    y_o, tol = oracle(x, weights, ids, w13, w2, activation_block(isa, 512, 128))
     assert ((y.double() - y_o).abs() <= tol).all()
 
 

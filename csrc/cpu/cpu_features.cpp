@@ -8,6 +8,10 @@
 #define KIMIVL_X86 1
 #include <cpuid.h>
 #endif
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace kimivl {
 namespace {
@@ -19,6 +23,17 @@ unsigned long long xgetbv0() {
   return (static_cast<unsigned long long>(edx) << 32) | eax;
 }
 #endif
+
+// Linux enables AMX's 8 KB tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); a tile instruction without it kills the process with SIGILL.
+bool request_amx_permission() {
+#if defined(KIMIVL_X86) && defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -45,6 +60,7 @@ CpuFeatures detect() {
     f.avx_vnni = os_avx && (a & (1u << 4));
     f.avx512_bf16 = os_avx512 && (a & (1u << 5));
   }
+  f.amx_permitted = f.amx_int8 && request_amx_permission();
 #endif
   return f;
 }
@@ -58,6 +74,7 @@ const CpuFeatures& cpu_features() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512Vnni: return "avx512_vnni";
     case Isa::kAvx2: return "avx2";
     default: return "portable";
@@ -67,6 +84,7 @@ const char* isa_name(Isa isa) {
 bool isa_supported(Isa isa) {
   const CpuFeatures& f = cpu_features();
   switch (isa) {
+    case Isa::kAmx: return isa_supported(Isa::kAvx512Vnni) && f.amx_permitted;
     case Isa::kAvx512Vnni: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
     case Isa::kAvx2: return f.avx2 && f.fma && f.f16c;
     default: return true;
@@ -76,16 +94,21 @@ bool isa_supported(Isa isa) {
 Isa selected_isa() {
   const char* forced = std::getenv("KIMIVL_ISA");
   if (forced != nullptr && forced[0] != '\0') {
-    for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2, Isa::kPortable}) {
+    for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kPortable}) {
       if (std::strcmp(forced, isa_name(isa)) == 0) {
         if (!isa_supported(isa))
-          throw std::runtime_error(std::string("KIMIVL_ISA=") + forced + " but this CPU does not support it");
+          throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
+                                   (isa == Isa::kAmx && cpu_features().amx_int8
+                                        ? " but the OS did not grant this process AMX tile state"
+                                        : " but this CPU does not support it"));
         return isa;
       }
     }
     throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
-                             " is not one of avx512_vnni, avx2, portable");
+                             " is not one of amx, avx512_vnni, avx2, portable");
   }
+  // Not kAmx: it is faster for prefill, but its per-128-K activation scales about double the
+  // activation rounding error on rows with outliers (qgemm_amx.h), so it runs only when asked for.
   for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
     if (isa_supported(isa)) return isa;
   }

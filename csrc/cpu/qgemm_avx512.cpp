@@ -1,8 +1,8 @@
-// AVX-512 VNNI micro-kernel (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni; run only
-// when the CPU has them). One zmm lane per output row; vpdpbusd multiplies unsigned weight bytes
-// by signed activation bytes into int32 without saturation. int8 weights are stored signed, so
-// they are flipped to unsigned (w + 128) with one xor and the extra 128 * sum(a) joins the zero
-// correction.
+// AVX-512 VNNI micro-kernel (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni, plus
+// -mamx-tile -mamx-int8 for the AMX path of qgemm_amx.h; run only when the CPU has them). One zmm
+// lane per output row; vpdpbusd multiplies unsigned weight bytes by signed activation bytes into
+// int32 without saturation. int8 weights are stored signed, so they are flipped to unsigned
+// (w + 128) with one xor and the extra 128 * sum(a) joins the zero correction.
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own `__Y = __Y` placeholders.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
@@ -109,3 +109,5 @@ struct Kernel {
 
 #define KIMIVL_QGEMM_NS avx512
 #include "cpu/qgemm_impl.h"
+
+#include "cpu/qgemm_amx.h"

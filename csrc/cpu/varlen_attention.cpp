@@ -12,7 +12,7 @@ namespace {
 
 VarlenKernel select_kernel() {
 #ifdef KIMIVL_X86_KERNELS
-  if (selected_isa() == Isa::kAvx512Vnni) return varlen_kernel_avx512();
+  if (selected_isa() >= Isa::kAvx512Vnni) return varlen_kernel_avx512();
   if (selected_isa() != Isa::kPortable && isa_supported(Isa::kAvx2)) return varlen_kernel_avx2();
 #endif
   return varlen_kernel_portable();

@@ -63,13 +63,14 @@ def weight_args(w: CpuQuantWeight | CudaQuantWeight) -> tuple[int, ...]:
             w.out_features, w.in_features, w.padded_in_features, w.group_size)
 
 
-def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's activations x_hat [*, K] as fp64: per 32-element block of a row (the last
-    one zero-padded), d = amax / 127 and q = round_half_even(x * (127 / amax)), all in fp32;
-    x_hat = d * q exactly. A block of zeros stays zero."""
+def quantize_activations_reference(x: torch.Tensor, block: int = CHUNK) -> torch.Tensor:
+    """The kernel's activations x_hat [*, K] as fp64: per `block`-element block of a row (the
+    last one zero-padded; 32, or 128 on the CPU kernels' AMX path), d = amax / 127 and
+    q = round_half_even(x * (127 / amax)), all in fp32; x_hat = d * q exactly. A block of zeros
+    stays zero."""
     x32 = x.float()
     k = x32.shape[-1]
-    blocks = torch.nn.functional.pad(x32, (0, (-k) % CHUNK)).unflatten(-1, (-1, CHUNK))
+    blocks = torch.nn.functional.pad(x32, (0, (-k) % block)).unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1, keepdim=True)
     c127 = torch.full_like(amax, 127.0)  # tensor / tensor: torch turns `127 / t` into 127 * (1 / t)
     inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
