@@ -11,32 +11,20 @@
 
 #include "common.h"
 #include "cpu/decode_layer.h"
+#include "weight_args.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// kimivl_local/ops/_bridge.py weight_args(): (qweight, scales, zeros or 0, scale dtype, bits,
-// out_features, in_features, kp, group_size).
-kimivl::QWeight qweight(const py::dict& d, const char* key) {
-  const auto a = d[key].cast<std::array<int64_t, 9>>();
-  kimivl::QWeight w;
-  w.q = kimivl::ptr<const uint8_t>(a[0]);
-  w.scales = kimivl::ptr<const uint16_t>(a[1]);
-  w.zeros = a[2] ? kimivl::ptr<const int8_t>(a[2]) : nullptr;
-  w.scale_dtype = static_cast<kimivl::DType>(a[3]);
-  w.bits = static_cast<int>(a[4]);
-  w.n = a[5];
-  w.k = a[6];
-  w.kp = a[7];
-  w.group = a[8];
-  return w;
-}
-
 template <typename T>
 T get(const py::dict& d, const char* key) {
   if (!d.contains(key)) throw std::invalid_argument(std::string("decode_layer: missing ") + key);
   return d[key].cast<T>();
+}
+
+kimivl::QWeight qweight(const py::dict& d, const char* key) {
+  return kimivl::to_qweight(get<kimivl::WeightArgs>(d, key));
 }
 
 kimivl::RouterSpec router(const py::dict& d) {

@@ -9,30 +9,12 @@
 #include "common.h"
 #include "cpu/qgemm.h"
 #include "cpu/repack.h"
+#include "weight_args.h"
 
 namespace py = pybind11;
 
-namespace {
-
-// (qweight, scales, zeros or 0, scale dtype, bits, out_features, in_features, kp, group_size),
-// built by kimivl_local/ops/_bridge.py weight_args().
-using WeightArgs = std::array<int64_t, 9>;
-
-kimivl::QWeight to_qweight(const WeightArgs& a) {
-  kimivl::QWeight w;
-  w.q = kimivl::ptr<const uint8_t>(a[0]);
-  w.scales = kimivl::ptr<const uint16_t>(a[1]);
-  w.zeros = a[2] ? kimivl::ptr<const int8_t>(a[2]) : nullptr;
-  w.scale_dtype = static_cast<kimivl::DType>(a[3]);
-  w.bits = static_cast<int>(a[4]);
-  w.n = a[5];
-  w.k = a[6];
-  w.kp = a[7];
-  w.group = a[8];
-  return w;
-}
-
-}  // namespace
+using kimivl::to_qweight;
+using kimivl::WeightArgs;
 
 void bind_quant_ops(py::module_& m) {
   m.def(
