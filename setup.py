@@ -142,8 +142,10 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kimivl_local", "kimivl_local.model", "kimivl_local.ops", "kimivl_local.quant",
-              "kimivl_local.quantize", "kimivl_local.app"],
+    packages=["kimivl_local", "kimivl_local.checkpoint", "kimivl_local.cli",
+              "kimivl_local.engine", "kimivl_local.inputs", "kimivl_local.kernels",
+              "kimivl_local.model", "kimivl_local.ops", "kimivl_local.quant",
+              "kimivl_local.synthetic", "kimivl_local.quantize", "kimivl_local.app"],
     package_dir={
         "kimivl_local": "kimivl_local",
         "kimivl_local.quantize": "quantize",
@@ -159,9 +161,10 @@ setup(
         "regex",
         "tqdm",  # the quantize tool's progress bar (quantize/writer.py)
         "pillow>=10",
-        "pypdfium2>=4.30",  # PDF pages (kimivl_local/documents.py)
-        "av>=14",  # video frames (kimivl_local/video.py)
-        # Repo ids: cache lookup and downloads (kimivl_local/hub.py); 2.x's HTTP client is httpx2
+        "pypdfium2>=4.30",  # PDF pages (kimivl_local/inputs/documents.py)
+        "av>=14",  # video frames (kimivl_local/inputs/video.py)
+        # Repo ids: cache lookup and downloads (kimivl_local/checkpoint/hub.py); 2.x's HTTP client
+        # is httpx2
         # and its cache records each snapshot's file list (an interrupted download is incomplete).
         "huggingface_hub>=2.5,<3",
         # The app and the OpenAI-compatible server (`kimivl-local serve`), installed by default:
@@ -181,6 +184,6 @@ setup(
         "test": ["pytest>=8", "transformers>=4.57", "pexpect", "pypdf[crypto]>=4", "av>=18",
                  "openai>=1.40", "playwright>=1.40", "compressed-tensors>=0.20", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli:main"]},
+    entry_points={"console_scripts": ["kimivl-local=kimivl_local.cli.main:main"]},
     zip_safe=False,
 )

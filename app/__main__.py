@@ -2,6 +2,6 @@
 
 import sys
 
-from kimivl_local.cli import main
+from kimivl_local.cli.main import main
 
 sys.exit(main(["serve", *sys.argv[1:]]))

@@ -11,9 +11,9 @@ import math
 import os
 from dataclasses import dataclass
 
+from kimivl_local.engine.generate import GenerationStats
 from kimivl_local.errors import InputError
-from kimivl_local.generate import GenerationStats
-from kimivl_local.media import check_item, pdf_item, video_item
+from kimivl_local.inputs.media import check_item, pdf_item, video_item
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from gradio import Request
 
 from kimivl_local.errors import InputError
-from kimivl_local.thinking import ThinkingSplitter
+from kimivl_local.inputs.thinking import ThinkingSplitter
 
 from .chat import Settings, Turn, model_messages, new_turn, render, stats_line
-from .worker import Failed, Finished, GenerationQueue, Job, Piece, Queued, QueueFullError
+from .worker import Failed, Finished, GenerationQueue, Job, Piece, QueueFullError, Queued
 
 EMPTY_BOX = {"text": "", "files": []}
 

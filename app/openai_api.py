@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from kimivl_local.thinking import ThinkingSplitter
+from kimivl_local.inputs.thinking import ThinkingSplitter
 
 from .chat import default_settings
 from .model_info import model_name

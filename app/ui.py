@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from kimivl_local.info import collect_info, format_info
+from kimivl_local.cli.info import collect_info, format_info
 
 from .chat import FILE_TYPES, default_settings
 from .handlers import ChatHandlers

@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
+from kimivl_local.engine.generate import GenerationStats
 from kimivl_local.errors import ContextLengthError, KimiVLError
-from kimivl_local.generate import GenerationStats
 
 log = logging.getLogger("kimivl_local.app")
 

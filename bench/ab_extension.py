@@ -19,9 +19,9 @@ import sys
 import time
 
 import kimivl_local
-from kimivl_local.benchmark import _text_ids
-from kimivl_local.ext import extension
-from kimivl_local.ops import _bridge
+from kimivl_local.cli.benchmark import _text_ids
+from kimivl_local.kernels import bridge as _bridge
+from kimivl_local.kernels.extension import extension
 
 
 def load_extension(path: str):

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kimivl_local.ext import build_info
+from kimivl_local.kernels.bridge import num_threads
+from kimivl_local.kernels.extension import build_info
 from kimivl_local.ops import mla_decode, mla_decode_reference, varlen_attention
-from kimivl_local.ops._bridge import num_threads
 
 COLD_BYTES = 256 << 20
 

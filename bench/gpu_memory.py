@@ -19,7 +19,7 @@ import time
 import torch
 
 import kimivl_local
-from kimivl_local.memory_plan import CUDA_RESERVE
+from kimivl_local.engine.memory_plan import CUDA_RESERVE
 
 TEXT = "Memory planning decides before loading where each part lives and whether it fits. "
 

@@ -183,7 +183,7 @@ class Session:
         """The command line (and extra environment) of a step that runs one command."""
         py, w = self.python, self.work
         ckpt, qckpt = w / "full", w / "full-q"
-        cli = [py, "-m", "kimivl_local.cli"]
+        cli = [py, "-m", "kimivl_local.cli.main"]
         bench = cli + ["bench", str(qckpt), "--device", "cuda", "--prompt-tokens", "512",
                        "--gen-tokens", "128", "--json", str(w / f"{step.name}.json")]
         pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs",
@@ -224,13 +224,13 @@ class Session:
         for arg in cmd:
             if arg.startswith(("bench/", "tests/")) and not (REPO / arg).exists():
                 raise ValueError(f"{step.name} names {arg}, which does not exist")
-        if "kimivl_local.cli" in cmd:
-            argv = cmd[cmd.index("kimivl_local.cli") + 1:]
+        if "kimivl_local.cli.main" in cmd:
+            argv = cmd[cmd.index("kimivl_local.cli.main") + 1:]
             if argv[0] == "quantize":
                 from kimivl_local.quantize.main import _parser as quantize_parser
                 quantize_parser().parse_args(argv[1:])
             else:
-                from kimivl_local.cli import _parser
+                from kimivl_local.cli.main import _parser
                 _parser().parse_args(argv)
         return cmd
 
@@ -343,7 +343,8 @@ class Session:
         return cap.replace(".", "")
 
     def step_build_info(self, step, timeout) -> Result:
-        code = ("import json, torch\nfrom kimivl_local.ext import build_info\ni = build_info()\n"
+        code = ("import json, torch\nfrom kimivl_local.kernels.extension import build_info\n"
+                "i = build_info()\n"
                 "print('INFO ' + json.dumps(i, default=str))\n"
                 "assert i['available'], i.get('error')\nassert i['cuda'], 'built without CUDA'\n"
                 "major, minor = torch.cuda.get_device_capability()\n"

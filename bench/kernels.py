@@ -45,10 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kimivl_local.ext import build_info
+from kimivl_local.kernels.extension import build_info
 from kimivl_local.ops import moe_block, quant_matmul
-from kimivl_local.quant import PackedWeight, QuantScheme, quantize_rtn, to_cpu_layout
-from kimivl_local.quant import cuda_layout
+from kimivl_local.quant import PackedWeight, QuantScheme, cuda_layout, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
 HIDDEN, EXPERT_I, SHARED_I, EXPERTS, TOP_K = 2048, 1408, 2816, 64, 6

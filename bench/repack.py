@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from kimivl_local.ops._bridge import kernel
+from kimivl_local.kernels.bridge import kernel
 from kimivl_local.quant import cpu_layout
 from kimivl_local.quant.packing import QuantScheme, quantize_rtn
 

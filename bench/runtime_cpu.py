@@ -14,7 +14,7 @@ model over the bf16 model with the same layer count. A full bf16 model (33 GB) d
 (`kimivl-local synthetic DST --preset full --layers 4`, then `kimivl-local quantize`); two layer
 counts also give the per-layer figures by difference (for each backend with two depths).
 
-A quantized model whose layers the fused CPU decode takes (kimivl_local/ops/decode_layer.py) is
+A quantized model whose layers the fused CPU decode takes (kimivl_local/model/fused_decode.py) is
 timed twice per round, fused and unfused (the torch path between the kernels, as with
 KIMIVL_FUSED_DECODE=0; both share the model and its cache), so the A/B sees the same interference.
 
@@ -46,12 +46,12 @@ import torch
 from PIL import Image
 
 import kimivl_local
-import kimivl_local.generate
-from kimivl_local.benchmark import _text_ids, decode_bytes_per_token
-from kimivl_local.memory_plan import vision_fast_bytes
-from kimivl_local.multimodal import build_prompt
-from kimivl_local.ops import _bridge
-from kimivl_local.ops._bridge import set_backend
+import kimivl_local.engine.generate
+from kimivl_local.cli.benchmark import _text_ids, decode_bytes_per_token
+from kimivl_local.engine.memory_plan import vision_fast_bytes
+from kimivl_local.engine.multimodal import build_prompt
+from kimivl_local.kernels import bridge as _bridge
+from kimivl_local.kernels.bridge import set_backend
 
 PROMPT = "The quick brown fox jumps over the lazy dog while a robot reads a report. " * 3
 
@@ -166,7 +166,7 @@ def image_timings(model, size: tuple[int, int], rounds: int) -> dict:
 
 def prefill_timings(runs: list[dict], n: int, rounds: int) -> None:
     """r["prefill"] = {"one_thread_glue": best s, "torch_thread_glue": best s} per model."""
-    single = kimivl_local.generate.torch_single_threaded
+    single = kimivl_local.engine.generate.torch_single_threaded
     for r in runs:
         r["prefill"] = {"one_thread_glue": float("inf"), "torch_thread_glue": float("inf")}
     try:
@@ -176,14 +176,14 @@ def prefill_timings(runs: list[dict], n: int, rounds: int) -> None:
                 ids = _text_ids(r["model"].tokenizer, n)
                 modes = list(r["prefill"])
                 for mode in modes if i % 2 == 0 else modes[::-1]:
-                    kimivl_local.generate.torch_single_threaded = (
+                    kimivl_local.engine.generate.torch_single_threaded = (
                         single if mode == "one_thread_glue" else contextlib.nullcontext)
                     r["model"].engine.cache.reset()
                     t0 = time.perf_counter()
                     r["model"].engine.prefill(ids)
                     r["prefill"][mode] = min(r["prefill"][mode], time.perf_counter() - t0)
     finally:
-        kimivl_local.generate.torch_single_threaded = single
+        kimivl_local.engine.generate.torch_single_threaded = single
         set_backend("auto")
 
 

@@ -7,7 +7,7 @@
 
 namespace kimivl {
 
-// Must match kimivl_local/ops/_bridge.py (DTYPE_CODES).
+// Must match kimivl_local/kernels/bridge.py (DTYPE_CODES).
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3, kInt32 = 4, kUInt8 = 5 };
 
 inline float bf16_to_float(uint16_t h) {

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import torch
 
-from .config import GenerationConfig, KimiVLConfig, PreprocessorConfig
+from .checkpoint.config import GenerationConfig, KimiVLConfig, PreprocessorConfig
+from .checkpoint.hub import resolve_model_path
+from .engine.generate import Engine, GenerationStats
+from .engine.loader import load_model
+from .engine.memory_plan import plan_memory
+from .engine.multimodal import ImageEncoder, build_prompt
+from .engine.sampling import SamplingParams
 from .errors import InputError, TokenizerError
-from .generate import Engine, GenerationStats
-from .loader import load_model, resolve_model_path
-from .media import expand_media
-from .memory_plan import plan_memory
-from .multimodal import ImageEncoder, build_prompt, image_of
-from .ops._bridge import set_backend
-from .processor import ImageProcessor
-from .sampling import SamplingParams
-from .thinking import THINK_CLOSE, THINK_OPEN, split_thinking
-from .tokenizer import StreamDecoder, Tokenizer
+from .inputs.media import expand_media, image_of
+from .inputs.processor import ImageProcessor
+from .inputs.thinking import THINK_CLOSE, THINK_OPEN, split_thinking
+from .inputs.tokenizer import StreamDecoder, Tokenizer
+from .kernels.bridge import set_backend
 
 DEFAULT_MAX_CONTEXT = 8192
 log = logging.getLogger("kimivl_local")
@@ -88,11 +89,11 @@ class KimiVL:
 
         Content items: text, image, {"type": "pdf", "pdf": path, "pages": "1-3", "text_layer":
         bool} and {"type": "video", "video": path, "fps": 1.0, "max_frames": 16} (see
-        `kimivl_local.media`); a document that does not fit the context raises
+        `kimivl_local.inputs.media`); a document that does not fit the context raises
         ContextLengthError saying how many pages or frames would.
 
         Thinking models' `◁think▷...◁/think▷` text is part of the stream (see
-        `kimivl_local.thinking` to separate it); it is removed from earlier assistant turns
+        `kimivl_local.inputs.thinking` to separate it); it is removed from earlier assistant turns
         before templating, as the official demo does (a block cut short is removed whole).
         """
         if max_new_tokens < 1:
@@ -136,8 +137,8 @@ def load(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
     gpu_memory: GB of GPU memory to plan for (default: what is free). cpu_experts: keep the
     routed experts of that many MoE layers in host memory (GPU runs; auto picks as many as needed).
     backend: "auto", "kernels" or "reference" (torch only: the debugging baseline); process-wide.
-    Memory is planned before any weight is read (kimivl_local.memory_plan); a plan that cannot
-    fit raises MemoryPlanError saying what to change. The plan is kept as `.memory_plan`.
+    Memory is planned before any weight is read (kimivl_local.engine.memory_plan); a plan that
+    cannot fit raises MemoryPlanError saying what to change. The plan is kept as `.memory_plan`.
     """
     set_backend(backend)
     folder = resolve_model_path(path)

@@ -12,16 +12,15 @@ import textwrap
 import time
 from pathlib import Path
 
+from kimivl_local.checkpoint.hub import resolve_model_path
 from kimivl_local.errors import CheckpointError, InputError, KimiVLError
-from kimivl_local.loader import resolve_model_path
 
 from .budget import fit_budget
-from .output_error import MAX_TOKENS, measure
-from .output_error import SAMPLES as EVAL_SAMPLES
+from .destination import Destination, REPORT
+from .output_error import MAX_TOKENS, SAMPLES as EVAL_SAMPLES, measure
 from .plan import Plan, make_plan
 from .recipes import RECIPES, parse_rule, recipe_rules
 from .report import GB, build_report, calibration_table, error_table, size_table
-from .destination import REPORT, Destination
 from .writer import MANIFEST, Workspace, check_space, finish, write_shards
 
 log = logging.getLogger("kimivl_local.quantize")

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimivl_local.checkpoint import Checkpoint
-from kimivl_local.loader import fill_parameters
+from kimivl_local.checkpoint.shards import Checkpoint
+from kimivl_local.engine.loader import fill_parameters
 from kimivl_local.model.language import DecoderLayer
 from kimivl_local.model.layers import RMSNorm, RopeTables, RotaryTable, linear
 from kimivl_local.model.moe import MoE
@@ -51,7 +51,7 @@ def measure(plan: Plan, calib_data: Path | None, n_samples: int, device: str | N
     targets = {j.module: j for j in plan.quantized if j.module.startswith("language_model.")}
     if n_samples <= 0 or not targets:
         return None
-    from .sequential import _calibration_inputs  # the tokenizer and image stack, only when used
+    from .sequential import _calibration_inputs
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = Checkpoint.open(plan.src)
@@ -131,7 +131,7 @@ def expert_sensitivity(plan: Plan, levels: list[QuantScheme], calib_data: Path |
     sqrt(Σ ‖w·(ŷ_e(x) - y_e(x))‖² / Σ ‖w·y_e(x)‖²) over the token-expert pairs (x, e, routing
     weight w) of the SENSITIVITY_EXPERTS experts that receive the most tokens; inputs from the
     original model."""
-    from .sequential import _calibration_inputs  # the tokenizer and image stack, only when used
+    from .sequential import _calibration_inputs
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = {j.module: j.source.dtype for j in plan.jobs}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from kimivl_local.checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
-from kimivl_local.config import KimiVLConfig
+from kimivl_local.checkpoint.config import KimiVLConfig
+from kimivl_local.checkpoint.shards import Checkpoint, DTYPE_NAMES, TensorInfo
 from kimivl_local.errors import InputError
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
-from kimivl_local.quant.modules import DENSE_AT_LOAD, packed_shapes
+from kimivl_local.model.quantized import DENSE_AT_LOAD, packed_shapes
 from kimivl_local.quant.packing import QuantScheme
 from kimivl_local.quant.qconfig import QuantizationConfig
 

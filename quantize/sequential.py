@@ -25,17 +25,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kimivl_local.checkpoint import Checkpoint
-from kimivl_local.config import PreprocessorConfig
-from kimivl_local.loader import fill_parameters
+from kimivl_local.checkpoint.config import PreprocessorConfig
+from kimivl_local.checkpoint.shards import Checkpoint
+from kimivl_local.engine.loader import fill_parameters
+from kimivl_local.engine.multimodal import ImageEncoder, build_prompt
+from kimivl_local.inputs.processor import ImageProcessor
+from kimivl_local.inputs.tokenizer import Tokenizer
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
 from kimivl_local.model.language import DecoderLayer
 from kimivl_local.model.layers import RMSNorm, RopeTables, RotaryTable, linear
 from kimivl_local.model.moe import StackedExperts
-from kimivl_local.multimodal import ImageEncoder, build_prompt
-from kimivl_local.processor import ImageProcessor
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize, quantize_rtn
-from kimivl_local.tokenizer import Tokenizer
 
 from .calibration import default_samples, load_samples
 from .gptq import Hessian, gptq, relative_error

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kimivl_local.checkpoint import INDEX_FILE, SINGLE_FILE, TensorInfo
+from kimivl_local.checkpoint.shards import INDEX_FILE, SINGLE_FILE, TensorInfo
 from kimivl_local.errors import CheckpointError, InputError
 from kimivl_local.quant.packing import PackedWeight, dequantize, quantize_rtn
 

@@ -12,7 +12,7 @@ CLI_CWD = REPO / "tests"
 
 def pytest_report_header(config):
     import kimivl_local
-    from kimivl_local.ext import build_info
+    from kimivl_local.kernels.extension import build_info
 
     info = build_info()
     where = Path(kimivl_local.__file__).parent
@@ -40,7 +40,7 @@ def exact_vision_tower(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The default tiny synthetic checkpoint, written once per session (treat as read-only)."""
-    from kimivl_local.synthetic import write_checkpoint
+    from kimivl_local.synthetic.checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
 
@@ -55,7 +55,7 @@ def tiny_model_fp32(tiny_checkpoint):
 @pytest.fixture
 def fresh_checkpoint(tmp_path):
     """A private tiny checkpoint a test may corrupt."""
-    from kimivl_local.synthetic import write_checkpoint
+    from kimivl_local.synthetic.checkpoint import write_checkpoint
 
     def make(**kwargs):
         return write_checkpoint(tmp_path / "ckpt", preset="tiny", **kwargs)
@@ -71,7 +71,7 @@ TINY128 = dict(hidden_size=128, kv_lora_rank=128, v_head_dim=32, moe_intermediat
 @pytest.fixture(scope="session")
 def tiny128_checkpoint(tmp_path_factory) -> Path:
     """A tiny synthetic checkpoint whose linears all take 128 or 256 inputs (treat as read-only)."""
-    from kimivl_local.synthetic import write_checkpoint
+    from kimivl_local.synthetic.checkpoint import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt128") / "tiny128", preset="tiny", seed=1,
                             text_overrides=TINY128)

@@ -134,8 +134,8 @@ def _cuda_queries(monkeypatch) -> None:
 
 def _fake_extension(monkeypatch) -> None:
     """_C as the ops see it: the real module plus CUDA entry points that must never run."""
-    from kimivl_local.ext import extension
-    from kimivl_local.ops import _bridge
+    from kimivl_local.kernels import bridge as _bridge
+    from kimivl_local.kernels.extension import extension
 
     real = extension()
 
@@ -154,9 +154,9 @@ def _real_reads(monkeypatch) -> None:
     """Checkpoint reads, the checks of packed weights and the CUDA weight-layout conversion
     compute real values on the CPU (the loader validates them); only moving to the device is
     fake."""
-    from kimivl_local.checkpoint import Checkpoint
+    from kimivl_local.checkpoint.shards import Checkpoint
+    from kimivl_local.model import quantized as qmod
     from kimivl_local.quant import cuda_layout
-    from kimivl_local.quant import modules as qmod
 
     def real(fn):
         def run(*args, **kwargs):

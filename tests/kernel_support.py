@@ -2,7 +2,7 @@
 
 import pytest
 
-from kimivl_local.ext import extension
+from kimivl_local.kernels.extension import extension
 
 ISAS = ["portable", "avx2", "avx512_vnni", "amx"]
 

@@ -18,7 +18,7 @@ from PIL import Image
 import kimivl_local
 from app_support import REPO, import_app, running_server
 from media_files import write_pdf
-from kimivl_local.synthetic import write_checkpoint
+from kimivl_local.synthetic.checkpoint import write_checkpoint
 from thinking_support import LONG_REASONING, scripted_replies, thinking_reply
 
 pytest.importorskip("gradio")

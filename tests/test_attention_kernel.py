@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kimivl_local.ops.attention as attention_ops
-from kimivl_local.ext import build_info, extension
+from kimivl_local.kernels.extension import build_info, extension
 from kimivl_local.ops import varlen_attention, varlen_attention_reference
 
 from kernel_support import ISAS, force_isa
@@ -146,7 +146,7 @@ def test_memory_is_linear_in_tokens(tmp_path):
     _require_kernel()
     code = (
         "import resource, torch\n"
-        "from kimivl_local.ext import extension\n"
+        "from kimivl_local.kernels.extension import extension\n"
         "from kimivl_local.ops import varlen_attention\n"
         "assert extension() is not None\n"
         "t = 32768\n"

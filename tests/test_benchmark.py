@@ -2,8 +2,8 @@
 
 import json
 
-from kimivl_local.benchmark import decode_bytes_per_token
-from kimivl_local.cli import main
+from kimivl_local.cli.benchmark import decode_bytes_per_token
+from kimivl_local.cli.main import main
 
 
 def test_bench_command_writes_json(tiny_checkpoint, tmp_path, capsys):

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import kimivl_local
-from kimivl_local.checkpoint import Checkpoint
-from kimivl_local.config import KimiVLConfig
+from kimivl_local.checkpoint.config import KimiVLConfig
+from kimivl_local.checkpoint.hub import resolve_model_path
+from kimivl_local.checkpoint.shards import Checkpoint
 from kimivl_local.errors import CheckpointError, ConfigError, ModelNotFoundError
-from kimivl_local.loader import resolve_model_path
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
-from kimivl_local.synthetic import build_configs, tensor_specs
+from kimivl_local.synthetic.checkpoint import build_configs, tensor_specs
 
 
 def _index(folder):

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from kimivl_local.cli import main
+from kimivl_local.cli.main import main
 from conftest import CLI_CWD
 
 EXE = shutil.which("kimivl-local")
 
 
 def _run(*args, input_text=None):
-    cmd = [EXE] if EXE else [sys.executable, "-m", "kimivl_local.cli"]
+    cmd = [EXE] if EXE else [sys.executable, "-m", "kimivl_local.cli.main"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, input=input_text,
                           timeout=300, cwd=CLI_CWD)
 
@@ -26,7 +26,7 @@ def test_chat_streams_in_a_terminal(tiny_checkpoint, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     cmd = EXE or sys.executable
     args = ["chat", str(tiny_checkpoint), "--max-new-tokens", "12"]
-    child = pexpect.spawn(cmd, args if EXE else ["-m", "kimivl_local.cli", *args],
+    child = pexpect.spawn(cmd, args if EXE else ["-m", "kimivl_local.cli.main", *args],
                           encoding="utf-8", timeout=120, dimensions=(40, 120), cwd=CLI_CWD)
     try:
         child.expect(">>> ")
@@ -171,7 +171,7 @@ def test_inputs_are_checked_before_the_model_loads(tiny_checkpoint, files, no_lo
 
 
 def test_chat_refuses_a_bad_attachment_and_drops_pending_ones(tiny_model_fp32, files, capsys):
-    from kimivl_local.chat_repl import ChatRepl
+    from kimivl_local.cli.chat_repl import ChatRepl
 
     options = {"text_layer": False, "fps": 1.0, "max_frames": 2}
     repl = ChatRepl(tiny_model_fp32, None, {"max_new_tokens": 2}, [], options)

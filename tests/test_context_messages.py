@@ -5,8 +5,8 @@ maximum."""
 import pytest
 
 from app_support import import_app
+from kimivl_local.engine.generate import Engine
 from kimivl_local.errors import ContextLengthError
-from kimivl_local.generate import Engine
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 
 import kimivl_local.ops.attention as attention_ops
 import kimivl_local.ops.mla as mla_ops
-from kimivl_local.ext import build_info, extension
+from kimivl_local.kernels.extension import build_info, extension
 from kimivl_local.ops import (mla_decode, mla_decode_reference, varlen_attention,
                               varlen_attention_reference)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl_local.ext import extension
+from kimivl_local.kernels.extension import extension
 from kimivl_local.ops import moe_block, moe_block_reference, quant_matmul, quant_matmul_reference
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cuda_layout import (INT4_ORDER, CudaQuantWeight, _pack_rows, dequantize,

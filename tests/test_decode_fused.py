@@ -1,4 +1,5 @@
-"""The fused CPU decode step (ops/decode_layer.py, csrc/cpu/decode_layer.cpp) against the torch
+"""The fused CPU decode step (model/fused_decode.py, csrc/cpu/decode_layer.cpp) against the
+torch
 path it replaces: the same logits over several steps for every recipe, dense and MoE layers, bf16
 and fp32 models, positions up to the cache's last row, every ISA path; the router's top-k
 against model/moe.py's Router, with its rule for exact ties; and the choice of path."""
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import kimivl_local
+from kimivl_local.kernels.bridge import kernel, set_backend
+from kimivl_local.model import fused_decode as decode_layer
+from kimivl_local.model.fused_decode import router_topk
 from kimivl_local.model.moe import Router
-from kimivl_local.ops import decode_layer
-from kimivl_local.ops._bridge import kernel, set_backend
-from kimivl_local.ops.decode_layer import router_topk
 
 from kernel_support import ISAS, force_isa
 

@@ -7,12 +7,13 @@ import re
 import pytest
 from PIL import Image
 
-from kimivl_local.cli import main
-from kimivl_local.config import PreprocessorConfig
-from kimivl_local.documents import MAX_DPI, format_pages, parse_pages, pdf_items, render_scale
+from kimivl_local.checkpoint.config import PreprocessorConfig
+from kimivl_local.cli.main import main
 from kimivl_local.errors import ContextLengthError, InputError
-from kimivl_local.media import expand_media
-from kimivl_local.processor import ImageProcessor
+from kimivl_local.inputs.documents import (MAX_DPI, format_pages, parse_pages, pdf_items,
+                                           render_scale)
+from kimivl_local.inputs.media import expand_media
+from kimivl_local.inputs.processor import ImageProcessor
 from media_files import RECT_RGB, write_empty_pdf, write_pdf
 
 pdfium = pytest.importorskip("pypdfium2")  # every test here reads or writes PDFs
@@ -131,7 +132,7 @@ def test_corrupt_missing_and_empty_pdfs(doc, tmp_path):
 
 
 def test_too_long_document_is_refused_before_rendering(tmp_path, monkeypatch):
-    from kimivl_local import documents
+    from kimivl_local.inputs import documents
 
     processor = ImageProcessor(PreprocessorConfig())
     (_, page), = pdf_items(write_pdf(tmp_path / "one.pdf", [(*LETTER, None)]), processor)

@@ -19,10 +19,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 import kimivl_local
-from kimivl_local.cuda_graph import graph_blocker
+from kimivl_local.engine.cuda_graph import graph_blocker
 from kimivl_local.model.layers import RotaryTable
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 from kimivl_local.quant.cuda_layout import CudaQuantWeight
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
 
 from fake_cuda import CUDA, DeviceWork, fake_cuda
 
@@ -134,7 +134,7 @@ def test_the_cuda_selftest_cases_trace(monkeypatch):
     and every one reaches its op's CUDA custom op with the expected output."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    from kimivl_local import selftest
+    from kimivl_local.cli import selftest
     from kimivl_local.quant import cuda_layout
 
     def on_host(fn):  # random weights and their quantization: real values on the CPU

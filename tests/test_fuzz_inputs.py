@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, event, example, given, settings  # noqa: E40
 from hypothesis import strategies as st  # noqa: E402
 
 from image_bytes import encoded
-from kimivl_local.config import PreprocessorConfig
-from kimivl_local.documents import pdf_items
+from kimivl_local.checkpoint.config import PreprocessorConfig
 from kimivl_local.errors import KimiVLError
-from kimivl_local.media import check_item
-from kimivl_local.processor import ImageProcessor
-from kimivl_local.video import video_items
+from kimivl_local.inputs.documents import pdf_items
+from kimivl_local.inputs.media import check_item
+from kimivl_local.inputs.processor import ImageProcessor
+from kimivl_local.inputs.video import video_items
 from media_files import write_pdf, write_video
 
 FUZZ = settings(max_examples=int(os.environ.get("KIMIVL_FUZZ_EXAMPLES", 100)), deadline=None,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import kimivl_local
+from kimivl_local.engine.generate import Engine
+from kimivl_local.engine.sampling import Sampler, SamplingParams
 from kimivl_local.errors import ContextLengthError, InputError, NonFiniteLogitsError
-from kimivl_local.generate import Engine
-from kimivl_local.sampling import Sampler, SamplingParams
-from kimivl_local.thinking import ThinkingSplitter, split_thinking
+from kimivl_local.inputs.thinking import ThinkingSplitter, split_thinking
 
 NAN, INF = float("nan"), float("inf")
 

@@ -10,7 +10,7 @@ from quantize_support import import_quantize
 from safetensors.torch import load_file, save_file
 
 import kimivl_local
-from kimivl_local.checkpoint import Checkpoint
+from kimivl_local.checkpoint.shards import Checkpoint
 from kimivl_local.errors import InputError
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize, quantize_rtn
 

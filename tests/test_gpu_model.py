@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 import kimivl_local
-from kimivl_local.cuda_graph import DecodeGraph
-from kimivl_local.ext import extension
-from kimivl_local.generate import Engine
-from kimivl_local.memory_plan import CUDA_RESERVE
-from kimivl_local.ops._bridge import kernel, set_backend
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
-from kimivl_local.sampling import SamplingParams
+from kimivl_local.engine.cuda_graph import DecodeGraph
+from kimivl_local.engine.generate import Engine
+from kimivl_local.engine.memory_plan import CUDA_RESERVE
+from kimivl_local.engine.sampling import SamplingParams
+from kimivl_local.kernels.bridge import kernel, set_backend
+from kimivl_local.kernels.extension import extension
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 
 pytestmark = pytest.mark.gpu
 

@@ -78,7 +78,8 @@ def test_bad_commands_are_caught_by_the_dry_run(monkeypatch):
     session = gpu_session.Session(type("A", (), {"out": "x", "work": "/tmp/w", "budget": 1,
                                                  "layers": 2, "dry_run": True})())
     step = next(s for s in gpu_session.STEPS if s.name == "bench_graphs")
-    assert session.check_command(step)[:4] == [sys.executable, "-m", "kimivl_local.cli", "bench"]
+    assert session.check_command(step)[:4] == [sys.executable, "-m", "kimivl_local.cli.main",
+                                               "bench"]
     real = session.command
     monkeypatch.setattr(session, "command",
                         lambda s: ((real(s)[0] + ["--no-such-flag"]), {}))

@@ -53,7 +53,7 @@ def env(hub, tmp_path):
 def _cli(env, *args, chunk=None, timeout=120):
     pre = (f"import huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = {chunk}; "
            if chunk else "")
-    code = pre + "import sys; from kimivl_local.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = pre + "import sys; from kimivl_local.cli.main import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=timeout, cwd=CLI_CWD)
 
@@ -91,8 +91,8 @@ def test_download_fetches_only_runtime_files_and_resumes_a_dropped_connection(
 def test_code_only_repo_is_refused_before_any_file_is_fetched(hub, hf_cache, monkeypatch):
     import huggingface_hub.constants as constants
 
+    from kimivl_local.checkpoint.hub import remote_repo
     from kimivl_local.errors import InputError
-    from kimivl_local.hub import remote_repo
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi reads it per instance
     with pytest.raises(InputError, match="no safetensors checkpoint") as refused:
@@ -137,7 +137,7 @@ def test_offline_mode_is_honoured(hub, env):
 
 
 def _spawn(env, *args) -> pexpect.spawn:
-    return pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli", *args], env=env,
+    return pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli.main", *args], env=env,
                          encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=CLI_CWD)
 
 
@@ -198,7 +198,7 @@ def _hf_script() -> str:
 
 
 def test_not_cached_message_names_the_installed_hf_cli():
-    from kimivl_local.hub import not_cached_message
+    from kimivl_local.checkpoint.hub import not_cached_message
 
     message = not_cached_message("org/tiny", "v1")
     script = _hf_script()
@@ -247,8 +247,8 @@ def hf_cache(tmp_path, monkeypatch):
 
 def test_repo_id_resolves_through_the_hf_cache(hf_cache, tiny_checkpoint):
     import kimivl_local
+    from kimivl_local.checkpoint.hub import NotCachedError, locate, resolve_model_path
     from kimivl_local.errors import InputError
-    from kimivl_local.hub import NotCachedError, locate, resolve_model_path
 
     with pytest.raises(NotCachedError, match="not in the local Hugging Face cache"):
         resolve_model_path("moonshotai/Kimi-VL-A3B-Instruct")
@@ -273,7 +273,7 @@ def test_repo_id_resolves_through_the_hf_cache(hf_cache, tiny_checkpoint):
 
 
 def test_fetch_flags_on_every_command_that_loads():
-    from kimivl_local.cli import _parser
+    from kimivl_local.cli.main import _parser
 
     for command in ("chat", "generate", "serve"):
         args = _parser().parse_args([command, "org/tiny", "--download", "--fit",

@@ -12,7 +12,7 @@ import pytest
 pexpect = pytest.importorskip("pexpect")  # drives the CLI at a terminal
 
 from hub_support import FakeHub, repo_from_folder
-from kimivl_local import fit
+from kimivl_local.cli import fit
 from conftest import CLI_CWD
 
 COMMIT = "c" * 40
@@ -41,7 +41,7 @@ def env(tmp_path, budget):
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "kimivl_local.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "kimivl_local.cli.main", *args], env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=180,
                           cwd=CLI_CWD)
 
@@ -59,7 +59,7 @@ def test_no_terminal_no_flag_no_quantize_and_nothing_left(env, tiny_checkpoint, 
 
 @pytest.mark.slow
 def test_no_at_the_prompt_quantizes_nothing(env, tiny_checkpoint):
-    child = pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli", "generate",
+    child = pexpect.spawn(sys.executable, ["-m", "kimivl_local.cli.main", "generate",
                                            str(tiny_checkpoint), *GEN],
                           env=env, encoding="utf-8", timeout=120, dimensions=(40, 200), cwd=CLI_CWD)
     child.expect(r"Quantize it now\? \[y/N\] ")
@@ -116,7 +116,7 @@ def test_one_command_downloads_quantizes_once_then_starts_cached(env, tiny_check
 
 
 def test_host_memory_budget_knob(tiny_checkpoint, monkeypatch):
-    from kimivl_local.memory_plan import MemoryPlanError
+    from kimivl_local.engine.memory_plan import MemoryPlanError
 
     monkeypatch.setenv("KIMIVL_HOST_MEMORY_GB", "0.01")
     with pytest.raises(MemoryPlanError, match="this machine has 0.01 GB"):
@@ -128,9 +128,9 @@ def test_host_memory_budget_knob(tiny_checkpoint, monkeypatch):
 
 def test_cache_entries_are_keyed_by_source_and_listed_with_interrupted_builds(
         tmp_path, monkeypatch, tiny_checkpoint):
-    from kimivl_local import model_cache
+    from kimivl_local.checkpoint.hub import Located
+    from kimivl_local.cli import model_cache
     from kimivl_local.errors import InputError
-    from kimivl_local.hub import Located
 
     monkeypatch.setenv("KIMIVL_CACHE", str(tmp_path / "cache"))
     hub_source = Located(tiny_checkpoint, "org/tiny", COMMIT)

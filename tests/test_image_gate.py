@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from image_bytes import bilevel_png_bomb, encoded
-from kimivl_local.config import PreprocessorConfig
+from kimivl_local.checkpoint.config import PreprocessorConfig
 from kimivl_local.errors import InputError
-from kimivl_local.multimodal import image_of
-from kimivl_local.processor import ImageProcessor, image_size, open_image
+from kimivl_local.inputs.media import image_of
+from kimivl_local.inputs.processor import ImageProcessor, image_size, open_image
 
 PROC = ImageProcessor(PreprocessorConfig())
 
@@ -47,10 +47,10 @@ def test_bomb_costs_no_memory(bomb):
     # (over 500 MB as RGB; +1 GB before the gate).
     code = f"""
 import base64, resource
-from kimivl_local.config import PreprocessorConfig
+from kimivl_local.checkpoint.config import PreprocessorConfig
 from kimivl_local.errors import InputError
-from kimivl_local.multimodal import image_of
-from kimivl_local.processor import ImageProcessor
+from kimivl_local.inputs.media import image_of
+from kimivl_local.inputs.processor import ImageProcessor
 proc = ImageProcessor(PreprocessorConfig())
 url = "data:image/png;base64," + base64.b64encode(open({str(bomb)!r}, "rb").read()).decode()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

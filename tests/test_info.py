@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from kimivl_local.cli import EXIT_BROKEN_PIPE, main
-from kimivl_local.info import collect_info, format_bytes, format_info
+from kimivl_local.cli.info import collect_info, format_bytes, format_info
+from kimivl_local.cli.main import EXIT_BROKEN_PIPE, main
 from quantize_support import import_quantize
 
 
@@ -59,7 +59,7 @@ def test_info_says_why_cuda_is_or_is_not_compiled(capsys):
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tiny_checkpoint):
-    cli = "import sys; from kimivl_local.cli import main; sys.exit(main(sys.argv[1:]))"
+    cli = "import sys; from kimivl_local.cli.main import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", cli, "info", str(tiny_checkpoint)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first line (`| head -0`)

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 IGNORED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so",
                                  "__pycache__", ".pytest_cache", "test-artifacts")
 
-BUILD_INFO = ("import json, kimivl_local.ext as e, kimivl_local; "
+BUILD_INFO = ("import json, kimivl_local.kernels.extension as e, kimivl_local; "
               "print(json.dumps([kimivl_local.__file__, e.build_info()]))")
 
 

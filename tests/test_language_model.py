@@ -6,9 +6,9 @@ import torch
 
 import kimivl_local
 from hf_oracle import hf_language_model
-from kimivl_local.generate import Engine
+from kimivl_local.engine.generate import Engine
 from kimivl_local.model.mla import MLAttention
-from kimivl_local.synthetic import write_checkpoint
+from kimivl_local.synthetic.checkpoint import write_checkpoint
 
 
 def _ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -131,7 +131,7 @@ def test_prefix_reuse_matches_fresh_prefill(tiny_model_fp32):
 
 
 def test_router_group_limited_topk_known_answer(tiny_model_fp32):
-    from kimivl_local.config import TextConfig
+    from kimivl_local.checkpoint.config import TextConfig
     from kimivl_local.model.moe import Router
 
     cfg = TextConfig(hidden_size=4, n_routed_experts=8, num_experts_per_tok=2, n_group=4,

@@ -1,16 +1,18 @@
-"""The memory planner (kimivl_local.memory_plan): placement, sizes, and the refusals that replace
-an out-of-memory crash. Device memory is passed in, so GPU plans are checked on any machine."""
+"""The memory planner (kimivl_local.engine.memory_plan): placement, sizes, and the refusals that
+replace an out-of-memory crash. Device memory is passed in, so GPU plans are checked on any
+machine."""
 
 import pytest
 import torch
 
 import kimivl_local
-from kimivl_local.config import KimiVLConfig
-from kimivl_local.memory_plan import GiB, MemoryPlanError, Placement, expert_layer, plan_memory
+from kimivl_local.checkpoint.config import KimiVLConfig
+from kimivl_local.engine.memory_plan import (GiB, MemoryPlanError, Placement, expert_layer,
+                                             plan_memory)
 from kimivl_local.model.kimivl import KimiVLForConditionalGeneration
-from kimivl_local.quant.modules import QuantExperts, QuantLinear, swap_modules
+from kimivl_local.model.quantized import QuantExperts, QuantLinear, swap_modules
 from kimivl_local.quant.qconfig import QuantizationConfig
-from kimivl_local.synthetic import build_configs
+from kimivl_local.synthetic.checkpoint import build_configs
 
 # `kimivl-local quantize --recipe default`: routed experts INT4 g128, the other linears of the
 # language model INT8 per channel (kv_b_proj is dequantized at load, as MLA's decode reads it).

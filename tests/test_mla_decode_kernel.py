@@ -10,8 +10,8 @@ values, ~2e-7 here; we allow 1e-5 of the largest output.
 import pytest
 import torch
 
-from kimivl_local.config import TextConfig
-from kimivl_local.ext import extension
+from kimivl_local.checkpoint.config import TextConfig
+from kimivl_local.kernels.extension import extension
 from kimivl_local.model.mla import MLAttention
 from kimivl_local.ops import mla_decode, mla_decode_reference
 

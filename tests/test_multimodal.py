@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from kimivl_local.engine.generate import Engine
+from kimivl_local.engine.multimodal import build_prompt
 from kimivl_local.errors import InputError
-from kimivl_local.generate import Engine
-from kimivl_local.multimodal import build_prompt, image_of
+from kimivl_local.inputs.media import image_of
 
 
 def _image(w, h, seed):

@@ -191,7 +191,7 @@ def test_closing_a_stream_stops_the_model(base_url, tiny_model_fp32, monkeypatch
 
 
 def test_serve_refuses_a_port_in_use_before_loading(tiny_checkpoint, capsys):
-    from kimivl_local.cli import main
+    from kimivl_local.cli.main import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

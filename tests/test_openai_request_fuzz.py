@@ -15,7 +15,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kimivl_local.sampling import SamplingParams  # noqa: E402
+from kimivl_local.engine.sampling import SamplingParams
 
 request = import_app("openai_request")
 chat = import_app("chat")

@@ -12,7 +12,7 @@ httpx = pytest.importorskip("httpx")  # installed with the app's gradio
 
 import kimivl_local
 from app_support import import_app, running_server
-from kimivl_local.synthetic import write_checkpoint
+from kimivl_local.synthetic.checkpoint import write_checkpoint
 from thinking_support import LONG_REASONING, scripted_replies, thinking_reply
 
 openai = pytest.importorskip("openai")

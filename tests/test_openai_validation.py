@@ -214,7 +214,7 @@ def test_a_long_answer_is_not_cut_by_the_client_timeout(base_url, tiny_model_fp3
     ("--host", "x" * 300, "cannot listen on"),
 ])
 def test_serve_checks_its_arguments_before_loading(tiny_checkpoint, capsys, flag, value, message):
-    from kimivl_local.cli import main
+    from kimivl_local.cli.main import main
 
     assert main(["serve", str(tiny_checkpoint), flag, value]) == 2
     err = capsys.readouterr().err

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from kimivl_local.config import PreprocessorConfig
+from kimivl_local.checkpoint.config import PreprocessorConfig
 from kimivl_local.errors import InputError
-from kimivl_local import processor
-from kimivl_local.processor import ImageProcessor, token_count_for_size
+from kimivl_local.inputs import processor
+from kimivl_local.inputs.processor import ImageProcessor, token_count_for_size
 
 CFG = PreprocessorConfig()  # CLIP mean/std: not 0.5, so a wrong normalisation cannot hide
 MEAN = np.array(CFG.image_mean, dtype=np.float32)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import kimivl_local
-from kimivl_local.ext import extension
-from kimivl_local.ops._bridge import set_backend
+from kimivl_local.kernels.bridge import set_backend
+from kimivl_local.kernels.extension import extension
 from kimivl_local.ops import moe_block, quant_matmul
 from kimivl_local.quant import QuantScheme
 from kimivl_local.quant.cpu_layout import dequantize

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kimivl_local
+from kimivl_local.model import quantized as quant_modules
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 from kimivl_local.ops import moe_block_reference
-from kimivl_local.quant import modules as quant_modules
 from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 
 from test_quant_interop import _args, _our_schemes, _shards, _skeleton
@@ -49,7 +49,7 @@ def test_compressed_tensors_decompresses_every_width_exactly(quantized):
 
 
 def test_runtime_runs_every_width_on_the_cpu_kernels(quantized):
-    from kimivl_local.ops._bridge import kernel
+    from kimivl_local.kernels.bridge import kernel
     if kernel("moe_block") is None:
         pytest.skip("kimivl_local._C is not built")
     loaded = kimivl_local.load(quantized("default", *RULES), device="cpu", dtype=torch.float32)
@@ -166,7 +166,7 @@ def test_cuda_runs_every_width_on_the_kernels(quantized, caplog):
 
 
 def test_info_names_the_widths_on_the_cuda_kernels(quantized):
-    from kimivl_local.info import describe_model, format_info
+    from kimivl_local.cli.info import describe_model, format_info
 
     model = describe_model(str(quantized("default", *RULES)))
     assert model["quantized_bits"] == [2, 3, 5, 6, 8]

@@ -168,7 +168,7 @@ def test_cpu_layout_is_lossless(scheme, scale_dtype):
 def test_repack_kernel_matches_torch_converter(scheme, monkeypatch):
     """_C.repack_rows writes the bytes of the torch converter, also for fused sources (gate rows
     then up rows) whose boundary falls inside a 16-row block, and for per-channel K=200."""
-    from kimivl_local.ops import _bridge
+    from kimivl_local.kernels import bridge as _bridge
     if _bridge.kernel("repack_rows") is None:
         pytest.skip("kimivl_local._C is not built")
     torch.manual_seed(3)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import kimivl_local
+from kimivl_local.model import quantized as quant_modules
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
-from kimivl_local.quant import modules as quant_modules
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 from kimivl_local.quant.qconfig import QuantizationConfig as OurConfig
 

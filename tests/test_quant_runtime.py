@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kimivl_local
+from kimivl_local.engine.sampling import SamplingParams
 from kimivl_local.errors import CheckpointError, ConfigError
+from kimivl_local.kernels.bridge import kernel
+from kimivl_local.model import quantized as quant_modules
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 from kimivl_local.ops import quantize_activations_reference
-from kimivl_local.ops._bridge import kernel
-from kimivl_local.quant import modules as quant_modules
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
-from kimivl_local.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4 + "请用三句话介绍长城。"
@@ -139,7 +139,7 @@ def test_kernel_path_equals_dequantized_dense_path(quantized, monkeypatch):
 
 
 def test_cli_generates_from_a_quantized_checkpoint(quantized, capsys):
-    from kimivl_local.cli import main
+    from kimivl_local.cli.main import main
 
     assert main(["generate", str(quantized("int4")), "-p", "Hi", "--max-new-tokens", "3",
                  "--device", "cpu"]) == 0
@@ -218,7 +218,7 @@ def test_cuda_dequantizes_at_load_to_the_same_values(quantized):
 @pytest.fixture
 def restore_backend():
     yield
-    from kimivl_local.ops._bridge import set_backend
+    from kimivl_local.kernels.bridge import set_backend
 
     set_backend("auto")
 
@@ -246,7 +246,7 @@ def test_reference_backend_is_torch_only_and_agrees_with_the_kernels(quantized, 
 
 
 def test_kernels_backend_needs_the_extension(tiny_checkpoint, monkeypatch, restore_backend):
-    from kimivl_local.ops import _bridge
+    from kimivl_local.kernels import bridge as _bridge
 
     monkeypatch.setattr(_bridge, "extension", lambda: None)
     with pytest.raises(RuntimeError, match="needs the compiled extension"):

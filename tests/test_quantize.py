@@ -12,10 +12,10 @@ import torch
 from quantize_support import REPO, import_quantize
 from safetensors import safe_open
 
-from kimivl_local.checkpoint import Checkpoint
+from kimivl_local.checkpoint.shards import Checkpoint
 from kimivl_local.errors import CheckpointError, InputError
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, quantize_rtn
-from kimivl_local.synthetic import build_configs, tensor_specs
+from kimivl_local.synthetic.checkpoint import build_configs, tensor_specs
 
 recipes = import_quantize("recipes")
 plan_mod = import_quantize("plan")
@@ -294,7 +294,7 @@ def test_existing_dst_needs_force_and_dst_must_not_overlap_src(tiny128_checkpoin
 
 
 def test_cli_entry_point_delegates_to_quantize(tiny128_checkpoint, tmp_path, capsys):
-    from kimivl_local.cli import main
+    from kimivl_local.cli.main import main
 
     assert main(["quantize", str(tiny128_checkpoint), str(tmp_path / "q"), "--dry-run",
                  "--recipe", "experts-int4"]) == 0

@@ -12,10 +12,10 @@ from quantize_support import import_quantize
 
 import kimivl_local
 from kimivl_local.errors import InputError
+from kimivl_local.kernels.bridge import set_backend
+from kimivl_local.model.quantized import QuantExperts, QuantLinear
 from kimivl_local.ops import quant_matmul
-from kimivl_local.ops._bridge import set_backend
 from kimivl_local.quant.cpu_layout import to_cpu_layout
-from kimivl_local.quant.modules import QuantExperts, QuantLinear
 from kimivl_local.quant.packing import QuantScheme, dequantize, quantize_rtn
 
 recipes = import_quantize("recipes")
@@ -165,7 +165,7 @@ def test_runtime_runs_the_fallback_groups_on_the_kernels(tiny_int4, tiny_model_f
     assert _rel(got, want) < 0.12
     assert _rel(got, dense) < 0.5
     assert (got.argmax(-1) == dense.argmax(-1)).float().mean() >= 0.3
-    from kimivl_local.cli import main
+    from kimivl_local.cli.main import main
 
     assert main(["generate", str(tiny_int4), "-p", "Hi", "--max-new-tokens", "3",
                  "--device", "cpu"]) == 0
@@ -178,7 +178,7 @@ def mixed(tmp_path_factory):
     default recipe: one rule keeps g128 for some layers and falls back to g96 for others."""
     from conftest import TINY128
 
-    from kimivl_local.synthetic import write_checkpoint
+    from kimivl_local.synthetic.checkpoint import write_checkpoint
 
     root = tmp_path_factory.mktemp("mixed")
     src = write_checkpoint(root / "src", preset="tiny", seed=2,

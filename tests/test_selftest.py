@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from kimivl_local import cli, selftest
-from kimivl_local.ext import extension
-from kimivl_local.ops._bridge import set_backend
+from kimivl_local.cli import main as cli, selftest
+from kimivl_local.kernels.bridge import set_backend
+from kimivl_local.kernels.extension import extension
 
 from kernel_support import ISAS, force_isa
 

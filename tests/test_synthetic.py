@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import kimivl_local
-from kimivl_local.synthetic import N_BASE_REAL, write_checkpoint
-from kimivl_local.tokenizer import Tokenizer
+from kimivl_local.inputs.tokenizer import Tokenizer
+from kimivl_local.synthetic.checkpoint import N_BASE_REAL, write_checkpoint
 
 OFFICIAL_FILES = {"config.json", "generation_config.json", "preprocessor_config.json",
                   "tokenizer_config.json", "tiktoken.model", "model.safetensors.index.json"}
@@ -64,7 +64,7 @@ def test_full_preset_streams_with_bounded_memory(tmp_path):
     dst = tmp_path / "full"
     # Peak RSS read from VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a
     # large test process would be counted as the child's peak.
-    code = ("import re; from kimivl_local.synthetic import write_checkpoint; "
+    code = ("import re; from kimivl_local.synthetic.checkpoint import write_checkpoint; "
             f"write_checkpoint({str(dst)!r}, preset='full', text_overrides={{'num_hidden_layers': 2,"
             " 'n_routed_experts': 4, 'num_experts_per_tok': 2}, vision_overrides={'num_hidden_layers': 1}); "
             r"print(re.search(r'VmHWM:\s+(\d+)', open('/proc/self/status').read()).group(1))")

@@ -16,8 +16,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from kimivl_local.errors import InputError, TokenizerError
-from kimivl_local.synthetic_vocab import _corpus_merges, build_ranks, write_tokenizer_files
-from kimivl_local.tokenizer import (
+from kimivl_local.synthetic.vocab import _corpus_merges, build_ranks, write_tokenizer_files
+from kimivl_local.inputs.tokenizer import (
     PAT_STR,
     SPECIAL_TOKEN_NAMES,
     StreamDecoder,

@@ -7,10 +7,10 @@ import re
 import pytest
 from PIL import Image
 
-from kimivl_local.chat_repl import ChatRepl
-from kimivl_local.cli import main
+from kimivl_local.cli.chat_repl import ChatRepl
+from kimivl_local.cli.main import main
 from kimivl_local.errors import ContextLengthError, InputError
-from kimivl_local.video import sample_times, timestamp, video_items
+from kimivl_local.inputs.video import sample_times, timestamp, video_items
 from media_files import frame_index, write_pdf, write_video
 
 av = pytest.importorskip("av")  # every test here decodes or writes video
@@ -52,7 +52,7 @@ def test_long_video_spreads_max_frames_over_the_whole_clip(tmp_path):
 
 
 def _decoded_frames(caplog) -> int:
-    (record,) = [r for r in caplog.records if r.name == "kimivl_local.video"]
+    (record,) = [r for r in caplog.records if r.name == "kimivl_local.inputs.video"]
     return record.args[1]
 
 
@@ -64,7 +64,7 @@ def test_sparse_keyframes_decode_forward_once(tmp_path, caplog, keyint, most):
     path = write_video(tmp_path / f"gop{keyint}.mp4", frames=250, rate=1, codec="libx264",
                        pix_fmt="yuv444p", options={"qp": "0", "x264-params":
                                                    f"keyint={keyint}:scenecut=0"})
-    caplog.set_level(logging.DEBUG, logger="kimivl_local.video")
+    caplog.set_level(logging.DEBUG, logger="kimivl_local.inputs.video")
     items = video_items(path, fps=1.0, max_frames=8)
     on_screen = [int(31.25 * k) for k in range(8)]  # 1 fps: frame i shows from i s on
     assert _frames(items) == [(timestamp(i), i) for i in on_screen]

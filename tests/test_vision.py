@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kimivl_local.config import VisionConfig
+from kimivl_local.checkpoint.config import VisionConfig
 from kimivl_local.model.projector import Projector
 from kimivl_local.model.vision import MoonViT, apply_rope, patch_merge, rope_2d_freqs
 from kimivl_local.ops import varlen_attention, varlen_attention_reference

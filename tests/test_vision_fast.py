@@ -17,11 +17,11 @@ from test_vision import (
     seeded,
 )
 
-from kimivl_local.memory_plan import vision_fast_bytes
+from kimivl_local.engine.memory_plan import vision_fast_bytes
+from kimivl_local.kernels import bridge as _bridge
 from kimivl_local.model import vision
 from kimivl_local.model.projector import Projector
 from kimivl_local.model.vision import TowerLinear
-from kimivl_local.ops import _bridge
 
 
 def fast_tower():

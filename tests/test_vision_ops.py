@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_support import ISAS, force_isa
 
-from kimivl_local.ops import _bridge
+from kimivl_local.kernels import bridge as _bridge
 from kimivl_local.ops.vision_ops import (
     add_layer_norm,
     bias_gelu_,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kimivl_local
-from kimivl_local.checkpoint import Checkpoint
+from kimivl_local.checkpoint.shards import Checkpoint
 from kimivl_local.errors import CheckpointError
 from conftest import CLI_CWD
 
@@ -121,8 +121,9 @@ def test_serve_survives_a_truncated_shard(tmp_path, tiny_checkpoint):
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kimivl_local.cli", "serve", str(folder),
-                                 "--port", str(port), "--device", "cpu", "--max-context", "256"],
+        proc = subprocess.Popen([sys.executable, "-m", "kimivl_local.cli.main", "serve",
+                                 str(folder), "--port", str(port), "--device", "cpu",
+                                 "--max-context", "256"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=CLI_CWD)
     try:
         _wait_until_up(proc, url, log)

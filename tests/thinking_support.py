@@ -1,6 +1,6 @@
 """A test hook for Thinking-model replies: random weights never write `◁think▷` by themselves.
 
-`scripted_replies` replaces the engine's sampler (kimivl_local.generate.Sampler) so that the
+`scripted_replies` replaces the engine's sampler (kimivl_local.engine.generate.Sampler) so that the
 next generations emit scripted token ids: the real prompt is prefilled and each forced token is
 decoded by the real engine, detokenizer and stop handling. A script that ends before the
 generation does falls back to ordinary sampling. Nothing here is in the production path.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import deque
 
-import kimivl_local.generate as generate_mod
-from kimivl_local.sampling import Sampler
-from kimivl_local.thinking import THINK_CLOSE, THINK_OPEN
+import kimivl_local.engine.generate as generate_mod
+from kimivl_local.engine.sampling import Sampler
+from kimivl_local.inputs.thinking import THINK_CLOSE, THINK_OPEN
 
 LONG_REASONING = " ".join(f"step {i} checks the colour again." for i in range(200))
 

@@ -11,11 +11,11 @@ import re
 import torch
 from torch import nn
 
-from ..config import KimiVLConfig
+from ..checkpoint.config import KimiVLConfig
 from ..errors import InputError
-from ..quant.modules import QuantExperts, QuantLinear
 from .language import LanguageModel
 from .projector import Projector
+from .quantized import QuantExperts, QuantLinear
 from .vision import MoonViT
 
 _STACKED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TextConfig
-from ..ops.decode_layer import FusedDecode
+from ..checkpoint.config import TextConfig
+from .fused_decode import FusedDecode
 from .layers import RMSNorm, RopeTables, RotaryTable, SwiGLU, linear
 from .mla import MLAttention
 from .moe import MoE
@@ -87,7 +87,7 @@ class LanguageModel(nn.Module):
         return self.model.norm(x)
 
     def fused_decode(self) -> FusedDecode | None:
-        """The CPU decode step's fused layers (ops/decode_layer.py), planned at the first
+        """The CPU decode step's fused layers (fused_decode.py), planned at the first
         decode; None where no layer can be fused (CUDA, unquantized, KIMIVL_FUSED_DECODE=0)."""
         if "_fused_decode" not in self.__dict__:
             self.__dict__["_fused_decode"] = FusedDecode.plan(self)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..checkpoint.config import TextConfig
 from ..ops.head_gemv import head_gemv
-from ..config import TextConfig
 from .layers import RMSNorm, RopeTables, linear
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
+from ..checkpoint.config import TextConfig
 from .layers import SwiGLU
 
 

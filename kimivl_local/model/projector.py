@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VisionConfig
+from ..checkpoint.config import VisionConfig
 from ..ops.vision_ops import add_layer_norm
 from .vision import TowerLinear, fast_path_default
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VisionConfig
-from ..ext import build_info
+from ..checkpoint.config import VisionConfig
+from ..kernels.extension import build_info
 from ..ops import varlen_attention
 from ..ops.vision_ops import add_layer_norm, bias_gelu_, bias_rope_, rope_tables
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._bridge import DTYPE_CODES, kernel, num_threads
+from ..kernels.bridge import DTYPE_CODES, kernel, num_threads
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._bridge import DTYPE_CODES, kernel, num_threads
+from ..kernels.bridge import DTYPE_CODES, kernel, num_threads
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._bridge import DTYPE_CODES, kernel, num_threads
+from ..kernels.bridge import DTYPE_CODES, kernel, num_threads
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.bridge import DTYPE_CODES, check_tensor, kernel, num_threads
 from ..quant.cpu_layout import CpuQuantWeight
 from ..quant.cuda_layout import CudaQuantWeight
-from ._bridge import DTYPE_CODES, check_tensor, kernel, num_threads
 from .quant_matmul import (FLOAT_DTYPES, KERNEL_DTYPES, PATHS, aligned16, check_weight,
                            cuda_kernel_ok, cuda_stream, dequantize_weight, traced, weight_args)
 

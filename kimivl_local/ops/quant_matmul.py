@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.bridge import DTYPE_CODES, check_tensor, kernel, num_threads
 from ..quant import cuda_layout
 from ..quant.cpu_layout import CHUNK, CpuQuantWeight, dequantize
 from ..quant.cuda_layout import CudaQuantWeight
-from ._bridge import DTYPE_CODES, check_tensor, kernel, num_threads
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_KERNEL_DTYPES = (torch.bfloat16, torch.float16)

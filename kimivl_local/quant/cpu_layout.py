@@ -147,7 +147,7 @@ def fill_rows(dst: CpuQuantWeight, packed: PackedWeight, row0: int = 0,
     qweight, scales, zeros = (None if t is None else t[at] for t in (dst.qweight, dst.scales,
                                                                       dst.zeros))
     packed.validate()
-    from ..ops._bridge import kernel, num_threads  # here: ops imports this module
+    from ..kernels.bridge import kernel, num_threads
     repack = kernel("repack_rows")
     if repack is not None:
         src = packed.weight_packed.contiguous()

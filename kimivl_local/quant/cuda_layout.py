@@ -84,7 +84,7 @@ def kernel_supports(scheme: QuantScheme, in_features: int) -> bool:
     """Whether the CUDA kernels take a weight of this scheme and in_features: any width of
     BITS, the group a multiple of 32 (or per-channel) and in_features a multiple of 8 (16-byte
     activation loads). Other weights with such a group still convert and run, on the torch
-    reference; the rest are dequantized at load (quant/modules.py)."""
+    reference; the rest are dequantized at load (model/quantized.py)."""
     return (scheme.bits in CudaQuantWeight.BITS
             and (scheme.group_size is None or scheme.group_size % CHUNK == 0)
             and in_features % 8 == 0)

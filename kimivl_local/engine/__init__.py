@@ -1,0 +1,1 @@
+"""Running the model: load onto a memory plan, prompts, prefill/decode, latent cache, sampling."""

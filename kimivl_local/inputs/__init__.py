@@ -1,0 +1,1 @@
+"""User inputs to tokens and pixels: tokenizer and chat template, images, PDFs, videos, thinking."""

@@ -1,0 +1,1 @@
+"""The border with the compiled extension `_C`: loading it, dtype codes, checks, threads."""

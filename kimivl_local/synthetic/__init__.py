@@ -1,0 +1,1 @@
+"""Synthetic checkpoints in the official layout, for tests and benchmarks without the weights."""
