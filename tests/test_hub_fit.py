@@ -13,6 +13,7 @@ pexpect = pytest.importorskip("pexpect")  # drives the CLI at a terminal
 
 from hub_support import FakeHub, repo_from_folder
 from kimivl_local.cli import fit
+from kimivl_local.cli.info import format_bytes
 from conftest import CLI_CWD
 
 COMMIT = "c" * 40
@@ -107,7 +108,8 @@ def test_one_command_downloads_quantizes_once_then_starts_cached(env, tiny_check
     listed = _cli(env, "list")
     assert listed.returncode == 0
     row = next(line for line in listed.stdout.splitlines() if line.strip().startswith(name))
-    assert "org/tiny" in row and COMMIT[:12] in row and recipe in row and "MB" in row
+    size = format_bytes(sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()))
+    assert "org/tiny" in row and COMMIT[:12] in row and recipe in row and row.endswith(size)
     assert "not an entry" in _cli(env, "rm", "../hf").stderr  # only our own entries
     assert Path(env["HF_HOME"]).is_dir()
     removed = _cli(env, "rm", name)
