@@ -40,6 +40,30 @@ __device__ __forceinline__ WPtr expert_ptr(const CudaQWeight& w, int64_t e) {
           w.zeros ? w.zeros + e * w.expert_s_stride() : nullptr};
 }
 
+// part[r][m] += the N weights wf[r] times one activation load of row m (N values, two per
+// 32-bit word of xw), in fp32, pairs in order.
+template <typename XT, int N, int MT>
+__device__ __forceinline__ void dot_load(const float (&wf)[R][N], const uint32_t (&xw)[N / 2],
+                                         int m, float (&part)[R][MT]) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float2 xf = XType<XT>::pair(xw[i]);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      part[r][m] = fmaf(wf[r][2 * i], xf.x, fmaf(wf[r][2 * i + 1], xf.y, part[r][m]));
+  }
+}
+
+// acc[r][m] += scale[r] * part[r][m]: one group's partial sums, scaled once.
+template <int MT>
+__device__ __forceinline__ void add_scaled(const float (&scale)[R], const float (&part)[R][MT],
+                                           float (&acc)[R][MT]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+}
+
 // Per-lane partial dot products of weight rows rows[r] (valid when ok[r]) with activation rows
 // a[m] (nullptr: absent) over the 16-byte vectors [v0, v1) of each row; acc[r][m] += result.
 // K % 8 == 0 (checked on the host), so an activation vector of 8 (int4) or 4 (int8) elements
@@ -105,19 +129,10 @@ __device__ __forceinline__ void accumulate_vectors(const CudaQWeight& w, const W
           const uint2 xv = __ldg(reinterpret_cast<const uint2*>(a[m] + kk));
           xw[0] = xv.x, xw[1] = xv.y;
         }
-#pragma unroll
-        for (int i = 0; i < kPerWord / 2; ++i) {
-          const float2 xf = XType<XT>::pair(xw[i]);
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            part[r][m] = fmaf(wf[r][2 * i], xf.x, fmaf(wf[r][2 * i + 1], xf.y, part[r][m]));
-        }
+        dot_load<XT, kPerWord, MT>(wf, xw, m, part);
       }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+    add_scaled<MT>(scale, part, acc);
   }
 }
 
@@ -170,19 +185,10 @@ __device__ __forceinline__ void accumulate_chunks(const CudaQWeight& w, const WP
         if (a[m] == nullptr) continue;
         const uint4 xv = qg::ldg16(a[m] + kk);
         const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 xf = XType<XT>::pair(xw[i]);
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            part[r][m] = fmaf(wf[r][2 * i], xf.x, fmaf(wf[r][2 * i + 1], xf.y, part[r][m]));
-        }
+        dot_load<XT, 8, MT>(wf, xw, m, part);
       }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+    add_scaled<MT>(scale, part, acc);
   }
 }
 
