@@ -18,7 +18,7 @@ from .handlers import ChatHandlers
 from .openai_api import openai_router
 from .transport import server_config
 from .ui import CSS, build_ui
-from .uploads import closed_routes, private_upload_dir
+from .uploads import STORED_UPLOADS, closed_routes, private_upload_dir
 from .worker import GenerationQueue
 
 # System fonts only: the app must look right offline, without Google Fonts.
@@ -52,7 +52,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20, theme=THEME,
                         css=CSS, ssr_mode=False, footer_links=[], run_history=False,
                         enable_monitoring=False, mcp_server=False)
-    closed_routes(app, upload_dir)
+    closed_routes(app, upload_dir, STORED_UPLOADS * max_upload_mb * 2**20)
     return app
 
 

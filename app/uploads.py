@@ -36,6 +36,11 @@ CLOSED = re.compile(r"/(gradio_api/)?(proxy=|process_recording|monitoring|custom
 # Gradio's file route serves its upload folder, but also its examples cache (a folder relative to
 # the working directory) and static paths; here it serves uploads only.
 FILE_ROUTE = re.compile(r"/gradio_api/file[=/](.*)", re.IGNORECASE | re.DOTALL)
+UPLOAD_ROUTE = re.compile(r"/(gradio_api/)?upload/?", re.IGNORECASE)
+# Uploads stay for the server's lifetime (a later turn of a chat reads its files again). Past
+# this many --max-upload-mb's worth in the folder, new uploads are refused instead of filling the
+# disk of whoever exposed the port.
+STORED_UPLOADS = 32
 
 
 def private_upload_dir() -> str:
@@ -81,9 +86,10 @@ class UploadedFilesTextbox(gr.MultimodalTextbox):
         return super().move_resource_to_block_cache(url_or_file_path)
 
 
-def closed_routes(app, upload_dir: str) -> None:
+def closed_routes(app, upload_dir: str, max_stored_bytes: int) -> None:
     """Answer 404 for the Gradio routes in CLOSED and for a file route naming anything but an
-    upload, before Gradio sees the request."""
+    upload, and 507 for an upload once the folder holds max_stored_bytes, before Gradio sees the
+    request."""
 
     @app.middleware("http")
     async def refuse(request, call_next):
@@ -92,4 +98,26 @@ def closed_routes(app, upload_dir: str) -> None:
         if CLOSED.match(path) or (served and not is_uploaded(served[1], upload_dir)):
             return JSONResponse({"error": {"message": "not found", "type": "invalid_request_error",
                                            "param": None, "code": "not_found"}}, status_code=404)
+        if request.method == "POST" and UPLOAD_ROUTE.fullmatch(path):
+            stored = folder_bytes(upload_dir)
+            if stored >= max_stored_bytes:
+                log.warning("upload refused: the upload folder holds %d MiB (limit %d MiB)",
+                            stored >> 20, max_stored_bytes >> 20)
+                message = (f"this server already holds {stored >> 20} MiB of uploads (its limit is "
+                           f"{max_stored_bytes >> 20} MiB); restart it to clear them")
+                return JSONResponse({"error": {"message": message, "type": "insufficient_storage",
+                                               "param": None, "code": "uploads_full"}},
+                                    status_code=507)
         return await call_next(request)
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of the files under folder (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed meanwhile
+                pass
+    return total

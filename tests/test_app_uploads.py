@@ -98,6 +98,30 @@ def test_an_uploaded_image_reaches_the_model_and_is_served_back(served, tmp_path
     assert httpx.get(link, timeout=30).content == image.read_bytes()
 
 
+def test_uploads_stop_when_the_folder_is_full(served, tmp_path):
+    """A port others can reach must not let them fill the disk: past STORED_UPLOADS x
+    --max-upload-mb (1 MiB here) in the upload folder, an upload is refused, unread."""
+    url, _ = served
+    filler = Path(os.environ["GRADIO_TEMP_DIR"]) / "filler.bin"
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (200, 80, 40)).save(image)
+
+    def upload():
+        with open(image, "rb") as f:
+            return httpx.post(f"{url}/gradio_api/upload",
+                              files={"files": ("red.png", f, "image/png")}, timeout=30)
+
+    try:
+        with open(filler, "wb") as f:
+            f.truncate(uploads.STORED_UPLOADS * 2**20)  # sparse: counts, costs no disk
+        r = upload()
+        assert r.status_code == 507 and "restart it to clear them" in r.json()["error"]["message"]
+        assert copies_of(image.read_bytes()) == []
+    finally:
+        filler.unlink()
+    assert upload().status_code == 200
+
+
 @pytest.mark.parametrize("route", [
     "/gradio_api/file=http://127.0.0.1:9/x.png",  # the server would fetch a URL for the client
     "/gradio_api/file=https%3A//example.com/x.png",
