@@ -22,6 +22,10 @@ log = logging.getLogger("kimivl_local.app")
 
 CLIENT_TIMEOUT = 30.0  # seconds without a byte of an unfinished request
 KEEP_ALIVE_TIMEOUT = 5  # seconds an idle connection is kept between requests
+# Open connections (or requests in flight) past which a new request gets 503 at once: enough for
+# a few browser tabs and API clients, few enough that a flood of sockets cannot exhaust the
+# process's file descriptors or memory.
+MAX_CONNECTIONS = 64
 
 
 class ClientTimeoutProtocol(H11Protocol):
@@ -101,6 +105,7 @@ def server_config(app, host: str, port: int, client_timeout: float = CLIENT_TIME
     """The uvicorn settings `serve` runs with (tests start their servers with them too)."""
     protocol = type("ClientTimeoutProtocol", (ClientTimeoutProtocol,),
                     {"client_timeout": client_timeout})
+    kwargs.setdefault("limit_concurrency", MAX_CONNECTIONS)
     return uvicorn.Config(access_log(app), host=host, port=port, http=protocol,
                           timeout_keep_alive=KEEP_ALIVE_TIMEOUT, log_level="warning",
                           access_log=False, **kwargs)

@@ -186,6 +186,21 @@ def test_stalled_clients_are_disconnected(base_url, sent, caplog, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_a_flood_of_connections_gets_503_and_the_server_recovers(base_url):
+    transport = import_app("transport")
+    port = int(base_url.rsplit(":", 1)[1])
+    socks = [socket.create_connection(("127.0.0.1", port))
+             for _ in range(transport.MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.1)  # every connection accepted (they time out after CLIENT_TIMEOUT)
+        assert httpx.get(f"{base_url}/v1/models", timeout=10).status_code == 503
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{base_url}/v1/models", timeout=10).status_code == 200
+
+
 def test_a_client_that_drops_mid_upload_is_one_log_line(base_url, caplog, capfd):
     caplog.set_level(logging.INFO, "kimivl_local")
     line = drop_mid_request(
