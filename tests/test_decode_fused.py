@@ -103,6 +103,24 @@ def test_fused_decode_on_every_isa_up_to_the_last_cache_row(quantized, monkeypat
     _assert_same_logits(got, want)
 
 
+# Weights the fused step runs in one parallel region (q_proj with kv_a_proj, gate with up) at
+# different widths from each other, so one region mixes the kernels of two bit widths.
+PAIRED_MIXED = ("self_attn\\.kv_a_proj_with_mqa=3:64:asym", "shared_experts\\.up_proj=2:32:asym",
+                "layers\\.0\\.mlp\\.gate_proj=5:channel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_paired_projections_are_bit_identical_on_every_isa(quantized, monkeypatch, isa):
+    """A bf16 model's fused step rounds where torch does, so its logits and latent rows are the
+    torch path's bit for bit, also where two projections of one input share a parallel region."""
+    force_isa(monkeypatch, isa, "decode_layers")
+    api = kimivl_local.load(quantized("default", *PAIRED_MIXED), device="cpu",
+                            dtype=torch.bfloat16)
+    for (g, g_rows), (w, w_rows) in zip(*_decode_both_ways(api, prompt_len=9, steps=3)):
+        assert torch.equal(g, w) and torch.equal(g_rows, w_rows)
+
+
 @needs_kernel
 def test_position_outside_the_cache_is_a_clear_error(quantized):
     api = kimivl_local.load(quantized("int4"), device="cpu", max_context=16)

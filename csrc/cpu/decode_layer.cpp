@@ -63,6 +63,18 @@ void project(const QWeight& w, const float* x, float* y, DType act, int threads)
     for (int64_t i = 0; i < w.n; ++i) y[i] = rnd(y[i], act);
 }
 
+// project() for two weights of one input in one parallel region (one pool wake-up, not two).
+void project2(const QWeight& w0, const QWeight& w1, const float* x, float* y0, float* y1, DType act,
+              int threads) {
+  const QWeight ws[2] = {w0, w1};
+  void* const ys[2] = {y0, y1};
+  quant_matmul_multi(x, DType::kFloat32, 1, ws, ys, 2, DType::kFloat32, threads);
+  if (act != DType::kFloat32) {
+    for (int64_t i = 0; i < w0.n; ++i) y0[i] = rnd(y0[i], act);
+    for (int64_t i = 0; i < w1.n; ++i) y1[i] = rnd(y1[i], act);
+  }
+}
+
 // 16 independent fp32 sums (the compiler vectorizes them without reassociating), then fp64.
 float dot(const float* a, const float* b, int64_t n) {
   float lanes[16] = {};
@@ -199,8 +211,7 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
 
   // Attention (mla.py MLAttention.forward with a position, attend_cache).
   rms_norm(x, s.hidden, s.input_norm, act, s.rms_eps, w.h.data());
-  project(s.q_proj, w.h.data(), w.q.data(), act, threads);
-  project(s.kv_a_proj, w.h.data(), w.kv.data(), act, threads);
+  project2(s.q_proj, s.kv_a_proj, w.h.data(), w.q.data(), w.kv.data(), act, threads);
   for (int64_t h = 0; h < s.heads; ++h)
     rope_rotate(w.q.data() + h * hd + s.nope, s.rope, st.cos, st.sin, act,
                 w.q_pe.data() + h * s.rope);
@@ -242,8 +253,7 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
 
   // Feed-forward (layers.py SwiGLU; moe.py MoE: routed + shared, unweighted).
   rms_norm(x, s.hidden, s.post_norm, act, s.rms_eps, w.h.data());
-  project(s.gate_proj, w.h.data(), w.gate.data(), act, threads);
-  project(s.up_proj, w.h.data(), w.up.data(), act, threads);
+  project2(s.gate_proj, s.up_proj, w.h.data(), w.gate.data(), w.up.data(), act, threads);
   for (int64_t i = 0; i < inter; ++i)
     w.mid[i] = rnd(rnd(silu(w.gate[i]), act) * w.up[i], act);
   project(s.down_proj, w.mid.data(), w.proj.data(), act, threads);

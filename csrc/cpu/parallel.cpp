@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -36,6 +37,25 @@ struct Job {
 
 thread_local bool in_worker = false;  // nested parallel_for calls run serially
 
+// A decode step runs a dozen parallel regions a layer, a few microseconds apart. Sleeping on the
+// condition variable between them costs a futex wake and a reschedule each (~10-20 us, more than
+// a small projection takes), so both sides first spin this long on the shared state, then sleep.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+template <typename Ready>
+void spin_until(Ready ready) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (std::chrono::steady_clock::now() >= until) return;
+  }
+}
+
 class Pool {
  public:
   static Pool& get() {
@@ -54,6 +74,7 @@ class Pool {
     lock.unlock();
     wake_.notify_all();
     job.run();
+    spin_until([&] { return job.active.load(std::memory_order_acquire) == 0; });
     lock.lock();
     done_.wait(lock, [&] { return job.active.load() == 0; });
     job_ = nullptr;
@@ -81,6 +102,9 @@ class Pool {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
+      lock.unlock();
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      lock.lock();
       wake_.wait(lock, [&] { return stop_ || (generation_ != seen && index < wanted_); });
       if (stop_) return;
       seen = generation_;
@@ -97,7 +121,7 @@ class Pool {
   std::vector<std::thread> threads_;
   Job* job_ = nullptr;
   int wanted_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // written under mutex_, also read while spinning
   bool stop_ = false;
 };
 
