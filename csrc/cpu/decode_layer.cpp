@@ -14,6 +14,8 @@
 namespace kimivl {
 namespace {
 
+constexpr int64_t kMlaMinSplit = 128;  // mla_decode.cpp's kMinSplit
+
 // Round v to the activation dtype, as torch does when it stores a result in that dtype.
 inline float rnd(float v, DType act) {
   return act == DType::kBFloat16 ? bf16_to_float(float_to_bf16(v)) : v;
@@ -243,7 +245,10 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
   mla.out_batch = s.heads * s.rank;
   mla.out_head = s.rank;
   mla.scale = s.scale;
-  mla.num_threads = threads;
+  // mla_decode cuts a context into splits of at least 128 tokens; below 256 there is one split,
+  // run on the caller anyway, and its only parallel region is the per-head merge, a few
+  // microseconds of work: cheaper on the caller than a pool wake-up. Same results either way.
+  mla.num_threads = seq_len < 2 * kMlaMinSplit ? 1 : threads;
   mla_decode(mla);
   head_gemv({w.o_lat.data(), s.w_uv_t, s.kv_b_dtype, w.attn.data(), s.heads, s.rank, s.v_dim,
              s.rank, s.v_dim, threads});

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -39,12 +40,21 @@ thread_local bool in_worker = false;  // nested parallel_for calls run serially
 
 // A decode step runs a dozen parallel regions a layer, a few microseconds apart. Sleeping on the
 // condition variable between them costs a futex wake and a reschedule each (~10-20 us, more than
-// a small projection takes), so both sides first spin this long on the shared state, then sleep.
-constexpr auto kSpin = std::chrono::microseconds(100);
+// a small projection takes), so both sides first poll the shared state for KIMIVL_SPIN_US
+// microseconds (default 100), then sleep. KIMIVL_SPIN_US=0 never polls: where other programs
+// keep every core busy, a polling helper can take the core the caller needs.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds us([] {
+    const char* env = std::getenv("KIMIVL_SPIN_US");
+    return env ? std::max(0L, std::strtol(env, nullptr, 10)) : 100L;
+  }());
+  return us;
+}
 
 template <typename Ready>
 void spin_until(Ready ready) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+  if (spin_time().count() == 0) return;
+  const auto until = std::chrono::steady_clock::now() + spin_time();
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (ready()) return;
