@@ -220,8 +220,9 @@ void qgemm_multi(const QGemmArgs* args, int count) {
     int i = 0;
     for (int64_t item = begin; item < end; ++item) {
       while (item >= first[i + 1]) ++i;
+      const int64_t local = item - first[i];
       with_bits(args[i].w.bits,
-                [&](auto b) { qgemm_item<decltype(b)::value>(args[i], items[i], item - first[i]); });
+                [&](auto b) { qgemm_item<decltype(b)::value>(args[i], items[i], local); });
     }
   });
 }
