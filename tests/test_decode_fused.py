@@ -11,15 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CLI_CWD
+from kernel_support import ISAS, force_isa
 
 import kimivl_local
 from kimivl_local.kernels.bridge import kernel, set_backend
 from kimivl_local.model import fused_decode as decode_layer
 from kimivl_local.model.fused_decode import router_topk
 from kimivl_local.model.moe import Router
-
-from conftest import CLI_CWD
-from kernel_support import ISAS, force_isa
 
 # Mixed widths: 2, 3, 5, 6 bits, asymmetric zeros, per-channel and grouped (test_quant_bits.py).
 MIXED = ("mlp\\.experts\\.\\d+\\.(gate|up)_proj=3", "mlp\\.experts\\.\\d+\\.down_proj=2:32:asym",
