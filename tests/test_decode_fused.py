@@ -4,18 +4,21 @@ path it replaces: the same logits over several steps for every recipe, dense and
 and fp32 models, positions up to the cache's last row, every ISA path; the router's top-k
 against model/moe.py's Router, with its rule for exact ties; and the choice of path."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CLI_CWD
+from kernel_support import ISAS, force_isa
 
 import kimivl_local
 from kimivl_local.kernels.bridge import kernel, set_backend
 from kimivl_local.model import fused_decode as decode_layer
 from kimivl_local.model.fused_decode import router_topk
 from kimivl_local.model.moe import Router
-
-from kernel_support import ISAS, force_isa
 
 # Mixed widths: 2, 3, 5, 6 bits, asymmetric zeros, per-channel and grouped (test_quant_bits.py).
 MIXED = ("mlp\\.experts\\.\\d+\\.(gate|up)_proj=3", "mlp\\.experts\\.\\d+\\.down_proj=2:32:asym",
@@ -101,6 +104,48 @@ def test_fused_decode_on_every_isa_up_to_the_last_cache_row(quantized, monkeypat
     got, want = _decode_both_ways(api, prompt_len=capacity - 3, steps=3)
     assert len(api.engine.cache.tokens) == capacity  # the last step wrote the last row
     _assert_same_logits(got, want)
+
+
+# Weights the fused step runs in one parallel region (q_proj with kv_a_proj, gate with up) at
+# different widths from each other, so one region mixes the kernels of two bit widths.
+PAIRED_MIXED = ("self_attn\\.kv_a_proj_with_mqa=3:64:asym", "shared_experts\\.up_proj=2:32:asym",
+                "layers\\.0\\.mlp\\.gate_proj=5:channel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_paired_projections_are_bit_identical_on_every_isa(quantized, monkeypatch, isa):
+    """A bf16 model's fused step rounds where torch does, so its logits and latent rows are the
+    torch path's bit for bit, also where two projections of one input share a parallel region."""
+    force_isa(monkeypatch, isa, "decode_layers")
+    api = kimivl_local.load(quantized("default", *PAIRED_MIXED), device="cpu",
+                            dtype=torch.bfloat16)
+    for (g, g_rows), (w, w_rows) in zip(*_decode_both_ways(api, prompt_len=9, steps=3)):
+        assert torch.equal(g, w) and torch.equal(g_rows, w_rows)
+
+
+_GREEDY_LOGITS = """
+import sys, torch, kimivl_local
+engine = kimivl_local.load(sys.argv[1], device="cpu").engine
+token, logits = int(engine.prefill([5, 9, 13])[0].argmax()), []
+for _ in range(3):
+    logits.append(engine.decode_step(token).clone())
+    token = int(logits[-1].argmax())
+torch.save(torch.stack(logits), sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_pool_without_polling_gives_the_same_step(quantized, tmp_path):
+    """KIMIVL_SPIN_US=0 (the pool's threads sleep between jobs at once, read at start-up) runs
+    the fused step to the same logits as the default polling pool."""
+    path = quantized("int4")
+    for name, spin in (("polling", "100"), ("sleeping", "0")):
+        env = {**os.environ, "KIMIVL_SPIN_US": spin}
+        subprocess.run([sys.executable, "-c", _GREEDY_LOGITS, str(path), str(tmp_path / name)],
+                       check=True, timeout=120, cwd=CLI_CWD, env=env)
+    assert torch.equal(torch.load(tmp_path / "polling"), torch.load(tmp_path / "sleeping"))
 
 
 @needs_kernel

@@ -14,6 +14,8 @@
 namespace kimivl {
 namespace {
 
+constexpr int64_t kMlaMinSplit = 128;  // mla_decode.cpp's kMinSplit
+
 // Round v to the activation dtype, as torch does when it stores a result in that dtype.
 inline float rnd(float v, DType act) {
   return act == DType::kBFloat16 ? bf16_to_float(float_to_bf16(v)) : v;
@@ -61,6 +63,18 @@ void project(const QWeight& w, const float* x, float* y, DType act, int threads)
   quant_matmul(x, DType::kFloat32, 1, w, y, DType::kFloat32, threads);
   if (act != DType::kFloat32)
     for (int64_t i = 0; i < w.n; ++i) y[i] = rnd(y[i], act);
+}
+
+// project() for two weights of one input in one parallel region (one pool wake-up, not two).
+void project2(const QWeight& w0, const QWeight& w1, const float* x, float* y0, float* y1, DType act,
+              int threads) {
+  const QWeight ws[2] = {w0, w1};
+  void* const ys[2] = {y0, y1};
+  quant_matmul_multi(x, DType::kFloat32, 1, ws, ys, 2, DType::kFloat32, threads);
+  if (act != DType::kFloat32) {
+    for (int64_t i = 0; i < w0.n; ++i) y0[i] = rnd(y0[i], act);
+    for (int64_t i = 0; i < w1.n; ++i) y1[i] = rnd(y1[i], act);
+  }
 }
 
 // 16 independent fp32 sums (the compiler vectorizes them without reassociating), then fp64.
@@ -199,8 +213,7 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
 
   // Attention (mla.py MLAttention.forward with a position, attend_cache).
   rms_norm(x, s.hidden, s.input_norm, act, s.rms_eps, w.h.data());
-  project(s.q_proj, w.h.data(), w.q.data(), act, threads);
-  project(s.kv_a_proj, w.h.data(), w.kv.data(), act, threads);
+  project2(s.q_proj, s.kv_a_proj, w.h.data(), w.q.data(), w.kv.data(), act, threads);
   for (int64_t h = 0; h < s.heads; ++h)
     rope_rotate(w.q.data() + h * hd + s.nope, s.rope, st.cos, st.sin, act,
                 w.q_pe.data() + h * s.rope);
@@ -232,7 +245,10 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
   mla.out_batch = s.heads * s.rank;
   mla.out_head = s.rank;
   mla.scale = s.scale;
-  mla.num_threads = threads;
+  // mla_decode cuts a context into splits of at least 128 tokens; below 256 there is one split,
+  // run on the caller anyway, and its only parallel region is the per-head merge, a few
+  // microseconds of work: cheaper on the caller than a pool wake-up. Same results either way.
+  mla.num_threads = seq_len < 2 * kMlaMinSplit ? 1 : threads;
   mla_decode(mla);
   head_gemv({w.o_lat.data(), s.w_uv_t, s.kv_b_dtype, w.attn.data(), s.heads, s.rank, s.v_dim,
              s.rank, s.v_dim, threads});
@@ -242,8 +258,7 @@ void decode_layer(const DecodeLayerSpec& s, const DecodeStep& st) {
 
   // Feed-forward (layers.py SwiGLU; moe.py MoE: routed + shared, unweighted).
   rms_norm(x, s.hidden, s.post_norm, act, s.rms_eps, w.h.data());
-  project(s.gate_proj, w.h.data(), w.gate.data(), act, threads);
-  project(s.up_proj, w.h.data(), w.up.data(), act, threads);
+  project2(s.gate_proj, s.up_proj, w.h.data(), w.gate.data(), w.up.data(), act, threads);
   for (int64_t i = 0; i < inter; ++i)
     w.mid[i] = rnd(rnd(silu(w.gate[i]), act) * w.up[i], act);
   project(s.down_proj, w.mid.data(), w.proj.data(), act, threads);

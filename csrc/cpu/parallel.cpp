@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -36,6 +38,34 @@ struct Job {
 
 thread_local bool in_worker = false;  // nested parallel_for calls run serially
 
+// A decode step runs a dozen parallel regions a layer, a few microseconds apart. Sleeping on the
+// condition variable between them costs a futex wake and a reschedule each (~10-20 us, more than
+// a small projection takes), so both sides first poll the shared state for KIMIVL_SPIN_US
+// microseconds (default 100), then sleep. KIMIVL_SPIN_US=0 never polls: where other programs
+// keep every core busy, a polling helper can take the core the caller needs.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds us([] {
+    const char* env = std::getenv("KIMIVL_SPIN_US");
+    return env ? std::max(0L, std::strtol(env, nullptr, 10)) : 100L;
+  }());
+  return us;
+}
+
+template <typename Ready>
+void spin_until(Ready ready) {
+  if (spin_time().count() == 0) return;
+  const auto until = std::chrono::steady_clock::now() + spin_time();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (std::chrono::steady_clock::now() >= until) return;
+  }
+}
+
 class Pool {
  public:
   static Pool& get() {
@@ -54,6 +84,7 @@ class Pool {
     lock.unlock();
     wake_.notify_all();
     job.run();
+    spin_until([&] { return job.active.load(std::memory_order_acquire) == 0; });
     lock.lock();
     done_.wait(lock, [&] { return job.active.load() == 0; });
     job_ = nullptr;
@@ -81,6 +112,9 @@ class Pool {
     uint64_t seen = 0;
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
+      lock.unlock();
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      lock.lock();
       wake_.wait(lock, [&] { return stop_ || (generation_ != seen && index < wanted_); });
       if (stop_) return;
       seen = generation_;
@@ -97,7 +131,7 @@ class Pool {
   std::vector<std::thread> threads_;
   Job* job_ = nullptr;
   int wanted_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // written under mutex_, also read while spinning
   bool stop_ = false;
 };
 

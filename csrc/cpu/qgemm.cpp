@@ -183,6 +183,48 @@ void quant_matmul(const void* x, DType x_dtype, int64_t m, const QWeight& w, voi
   dispatch_qgemm(args);
 }
 
+void quant_matmul_multi(const void* x, DType x_dtype, int64_t m, const QWeight* ws, void* const* ys,
+                        int count, DType y_dtype, int num_threads) {
+  check(count >= 1 && count <= kMaxQGemmMulti,
+        "quant_matmul_multi: 1 to " + std::to_string(kMaxQGemmMulti) + " weights, got " +
+            std::to_string(count));
+  double ops = 0.0;
+  for (int i = 0; i < count; ++i) {
+    check_weight(ws[i], "weight");
+    check(ws[i].k == ws[0].k && ws[i].kp == ws[0].kp,
+          "quant_matmul_multi: every weight must have the same in_features");
+    ops += 2.0 * m * ws[i].n * ws[i].k;
+  }
+  check_float_dtype(x_dtype, "x");
+  check_float_dtype(y_dtype, "y");
+  check(m >= 0, "x: negative row count");
+  if (m == 0) return;
+  ActStorage act(m, ws[0].kp);
+  act.rows.block_chunks = activation_block_chunks(m, ws[0].kp);
+  quantize_rows(x, x_dtype, m, ws[0].k, act.rows, num_threads);
+  QGemmArgs args[kMaxQGemmMulti];
+  for (int i = 0; i < count; ++i) {
+    args[i].w = ws[i];
+    args[i].act = act.rows;
+    args[i].m = m;
+    args[i].y = ys[i];
+    args[i].y_dtype = y_dtype;
+    args[i].num_threads = useful_threads(ops, num_threads);
+  }
+  switch (selected_isa()) {
+    case Isa::kAmx:
+      if (m >= kAmxMinRows) {  // AMX tiles: one region per weight, as quant_matmul does
+        for (int i = 0; i < count; ++i) avx512::qgemm_amx(args[i]);
+      } else {
+        avx512::qgemm_multi(args, count);
+      }
+      break;
+    case Isa::kAvx512Vnni: avx512::qgemm_multi(args, count); break;
+    case Isa::kAvx2: avx2::qgemm_multi(args, count); break;
+    default: portable::qgemm_multi(args, count); break;
+  }
+}
+
 void moe_block(const void* x, DType x_dtype, int64_t tokens, const int32_t* topk_ids,
                const float* topk_weights, int64_t top_k, int64_t num_experts, const QWeight& w13,
                const QWeight& w2, void* y, DType y_dtype, int num_threads) {

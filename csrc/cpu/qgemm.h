@@ -89,15 +89,22 @@ void store_row(const float* src, int64_t n, void* dst, DType dtype);
 // Entry points (qgemm.cpp): check arguments, quantize activations, run the selected ISA path.
 void quant_matmul(const void* x, DType x_dtype, int64_t m, const QWeight& w, void* y, DType y_dtype,
                   int num_threads);
+// quant_matmul of one input by up to kMaxQGemmMulti weights of the same in_features in one
+// parallel region (the decode step's q_proj and kv_a_proj, gate and up): ys[i] [m, ws[i].n] gets
+// exactly what quant_matmul(x, ..., ws[i], ys[i], ...) would write.
+constexpr int kMaxQGemmMulti = 4;
+void quant_matmul_multi(const void* x, DType x_dtype, int64_t m, const QWeight* ws, void* const* ys,
+                        int count, DType y_dtype, int num_threads);
 void moe_block(const void* x, DType x_dtype, int64_t tokens, const int32_t* topk_ids,
                const float* topk_weights, int64_t top_k, int64_t num_experts, const QWeight& w13,
                const QWeight& w2, void* y, DType y_dtype, int num_threads);
 
 // Per-ISA kernels; each is compiled in its own file with its own flags.
-#define KIMIVL_DECLARE_QGEMM_ISA(ns)  \
-  namespace ns {                      \
-  void qgemm(const QGemmArgs& args);  \
-  void moe(const MoeArgs& args);      \
+#define KIMIVL_DECLARE_QGEMM_ISA(ns)                   \
+  namespace ns {                                       \
+  void qgemm(const QGemmArgs& args);                   \
+  void qgemm_multi(const QGemmArgs* args, int count);  \
+  void moe(const MoeArgs& args);                       \
   }
 KIMIVL_DECLARE_QGEMM_ISA(portable)
 KIMIVL_DECLARE_QGEMM_ISA(avx2)

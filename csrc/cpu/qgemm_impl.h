@@ -80,32 +80,46 @@ int64_t blocks_per_item(int64_t nb, int threads, int64_t items_per_thread) {
   return std::max<int64_t>(1, std::min<int64_t>(4, nb / (items_per_thread * threads)));
 }
 
+// One matmul's work items: (64-row activation tile, run of `bpi` row blocks), tile-major.
+struct QGemmItems {
+  int64_t nt = 0, bpi = 1, count = 0;
+};
+
+QGemmItems qgemm_items(const QGemmArgs& a) {
+  QGemmItems items;
+  items.bpi = blocks_per_item(a.w.nb(), a.num_threads, 8);
+  items.nt = (a.w.nb() + items.bpi - 1) / items.bpi;
+  items.count = (a.m + 63) / 64 * items.nt;
+  return items;
+}
+
 template <int Bits>
-void qgemm_bits(const QGemmArgs& a) {
+void qgemm_item(const QGemmArgs& a, const QGemmItems& items, int64_t item) {
   const QWeight& w = a.w;
-  const int64_t nb = w.nb(), tile_m = 64;
-  const int64_t mt = (a.m + tile_m - 1) / tile_m;
-  const int64_t bpi = blocks_per_item(nb, a.num_threads, 8);
-  const int64_t nt = (nb + bpi - 1) / bpi;
+  const int64_t nb = w.nb(), tile_m = 64, nt = items.nt, bpi = items.bpi;
   char* y = static_cast<char*>(a.y);
   const int64_t esize = element_size(a.y_dtype);
-  parallel_for(mt * nt, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    float out[kMaxRows][16];
-    ActRow rows[kMaxRows];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t m0 = (item / nt) * tile_m, m1 = std::min(a.m, m0 + tile_m);
-      const int64_t b0 = (item % nt) * bpi, b1 = std::min(nb, b0 + bpi);
-      for (int64_t r = m0; r < m1; r += kMaxRows) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - r));
-        for (int i = 0; i < mr; ++i) rows[i] = a.act.row(r + i);
-        for (int64_t b = b0; b < b1; ++b) {
-          run_block<Bits>(w, 0, b, rows, mr, out);
-          const int64_t cols = std::min<int64_t>(16, w.n - 16 * b);
-          for (int i = 0; i < mr; ++i)
-            store_row(out[i], cols, y + ((r + i) * w.n + 16 * b) * esize, a.y_dtype);
-        }
-      }
+  float out[kMaxRows][16];
+  ActRow rows[kMaxRows];
+  const int64_t m0 = (item / nt) * tile_m, m1 = std::min(a.m, m0 + tile_m);
+  const int64_t b0 = (item % nt) * bpi, b1 = std::min(nb, b0 + bpi);
+  for (int64_t r = m0; r < m1; r += kMaxRows) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMaxRows, m1 - r));
+    for (int i = 0; i < mr; ++i) rows[i] = a.act.row(r + i);
+    for (int64_t b = b0; b < b1; ++b) {
+      run_block<Bits>(w, 0, b, rows, mr, out);
+      const int64_t cols = std::min<int64_t>(16, w.n - 16 * b);
+      for (int i = 0; i < mr; ++i)
+        store_row(out[i], cols, y + ((r + i) * w.n + 16 * b) * esize, a.y_dtype);
     }
+  }
+}
+
+template <int Bits>
+void qgemm_bits(const QGemmArgs& a) {
+  const QGemmItems items = qgemm_items(a);
+  parallel_for(items.count, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) qgemm_item<Bits>(a, items, item);
   });
 }
 
@@ -192,6 +206,25 @@ void moe_down(const MoeArgs& a) {
 
 void qgemm(const QGemmArgs& args) {
   with_bits(args.w.bits, [&](auto b) { qgemm_bits<decltype(b)::value>(args); });
+}
+
+// The items of every matmul, back to back, in one parallel region (one pool wake-up).
+void qgemm_multi(const QGemmArgs* args, int count) {
+  QGemmItems items[kMaxQGemmMulti];
+  int64_t first[kMaxQGemmMulti + 1] = {0};
+  for (int i = 0; i < count; ++i) {
+    items[i] = qgemm_items(args[i]);
+    first[i + 1] = first[i] + items[i].count;
+  }
+  parallel_for(first[count], 1, args[0].num_threads, [&](int64_t begin, int64_t end) {
+    int i = 0;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= first[i + 1]) ++i;
+      const int64_t local = item - first[i];
+      with_bits(args[i].w.bits,
+                [&](auto b) { qgemm_item<decltype(b)::value>(args[i], items[i], local); });
+    }
+  });
 }
 
 void moe(const MoeArgs& args) {
