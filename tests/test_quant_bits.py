@@ -3,27 +3,25 @@ compressed-tensors decompresses exactly, the runtime loads a checkpoint the libr
 compressor wrote at those widths, and the CPU and CUDA kernels take them at load."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import kimivl_local
 from kimivl_local.model import quantized as quant_modules
-from kimivl_local.model.quantized import QuantExperts, QuantLinear
+from kimivl_local.model.quantized import QuantLinear
 from kimivl_local.ops import moe_block_reference
 from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 
-from test_quant_interop import _args, _our_schemes, _shards, _skeleton
+from test_quant_interop import (_args, _assert_loads_as_they_dequantize, _our_schemes,
+                               _shards, _skeleton, _write_with_their_compressor)
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer  # noqa: E402
 from compressed_tensors.quantization import (QuantizationConfig,  # noqa: E402
                                              QuantizationScheme, apply_quantization_config)
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
 # Every width beside 4 and 8, grouped, per-channel, symmetric and not.
 RULES = ("mlp\\.experts\\.\\d+\\.(gate|up)_proj=3", "mlp\\.experts\\.\\d+\\.down_proj=2:32:asym",
@@ -83,46 +81,13 @@ def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpo
     }, ignore=["re:vision_tower.*"])
     apply_quantization_config(model, config)
     quantized_modules = {n: m for n, m in model.named_modules() if hasattr(m, "quantization_scheme")}
-    for module in quantized_modules.values():
-        args = module.quantization_scheme.weights
-        w = module.weight.float()
-        w = w.unflatten(-1, (-1, args.group_size)) if args.group_size else w[:, None, :]
-        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
-        module.weight_scale.data.copy_(scale)
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero)
-    ModelCompressor.from_pretrained_model(model, "pack-quantized").compress_model(model)
-    folder = tmp_path / "ct"
-    folder.mkdir()
-    save_file({**model.state_dict(), **rest}, folder / "model.safetensors", metadata={"format": "pt"})
-    for f in tiny128_checkpoint.iterdir():
-        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, folder / f.name)
-    ModelCompressor.from_pretrained_model(model, "pack-quantized").update_config(str(folder))
+    folder = _write_with_their_compressor(model, rest, quantized_modules, tiny128_checkpoint,
+                                          tmp_path)
     bits = {g["weights"]["num_bits"] for g in json.loads((folder / "config.json").read_text())
             ["quantization_config"]["config_groups"].values()}
     assert bits == {2, 3, 5, 6}
 
-    monkeypatch.setattr(quant_modules, "kernel", lambda op: op)  # the CPU layout without _C too
-    loaded = kimivl_local.load(folder, device="cpu", dtype=torch.float32).model
-    theirs = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16).process(
-        load_file(folder / "model.safetensors"))
-    checked = 0
-    for name, module in loaded.named_modules():
-        if isinstance(module, QuantLinear):
-            assert module.qweight is not None, name
-            assert torch.equal(cpu_dequantize(module.qweight).bfloat16(),
-                               theirs[f"{name}.weight"]), name
-            checked += 1
-        elif isinstance(module, QuantExperts):
-            inter = module.shapes["gate_proj"][0]
-            w13, w2 = cpu_dequantize(module.w13).bfloat16(), cpu_dequantize(module.w2).bfloat16()
-            for e in range(module.num_experts):
-                for proj, w in (("gate_proj", w13[e, :inter]), ("up_proj", w13[e, inter:]),
-                                ("down_proj", w2[e])):
-                    assert torch.equal(w, theirs[f"{name}.{e}.{proj}.weight"]), (name, e, proj)
-                    checked += 1
-    assert checked == len(quantized_modules)
+    _assert_loads_as_they_dequantize(folder, quantized_modules, monkeypatch, all_on_kernels=True)
 
 
 def test_cuda_kernels_take_every_width(monkeypatch):

@@ -118,6 +118,58 @@ def _skeleton(tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, to
     return root.requires_grad_(False), rest
 
 
+def _write_with_their_compressor(model: nn.Module, rest: dict, quantized_modules: dict,
+                                 checkpoint, tmp_path):
+    """A checkpoint folder written by compressed-tensors itself: the min-max observer step with
+    their helper, their pack-quantized compressor, and our tiny checkpoint's other files."""
+    for module in quantized_modules.values():
+        args = module.quantization_scheme.weights
+        w = module.weight.float()
+        w = w.unflatten(-1, (-1, args.group_size)) if args.group_size else w[:, None, :]
+        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
+        module.weight_scale.data.copy_(scale)
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero)
+    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor.compress_model(model)
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    save_file({**model.state_dict(), **rest}, folder / "model.safetensors", metadata={"format": "pt"})
+    for f in checkpoint.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, folder / f.name)
+    compressor.update_config(str(folder))
+    return folder
+
+
+def _assert_loads_as_they_dequantize(folder, quantized_modules: dict, monkeypatch, *,
+                                     all_on_kernels: bool) -> nn.Module:
+    """Load `folder` with our runtime (repacked to the CPU kernels' layout even without the
+    compiled extension) and check every quantized weight equals compressed-tensors' own
+    dequantization; all_on_kernels: no layer may fall back to a dense weight."""
+    monkeypatch.setattr(quant_modules, "kernel", lambda op: op)
+    loaded = kimivl_local.load(folder, device="cpu", dtype=torch.float32).model
+    theirs = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16).process(
+        load_file(folder / "model.safetensors"))
+    checked = 0
+    for name, module in loaded.named_modules():
+        if isinstance(module, QuantLinear):
+            assert not all_on_kernels or module.qweight is not None, name
+            w = module.weight if module.qweight is None else cpu_dequantize(module.qweight)
+            assert torch.equal(w.bfloat16(), theirs[f"{name}.weight"]), name
+            checked += 1
+        elif isinstance(module, QuantExperts):
+            inter = module.shapes["gate_proj"][0]
+            w13, w2 = cpu_dequantize(module.w13).bfloat16(), cpu_dequantize(module.w2).bfloat16()
+            for e in range(module.num_experts):
+                for proj, w in (("gate_proj", w13[e, :inter]), ("up_proj", w13[e, inter:]),
+                                ("down_proj", w2[e])):
+                    assert torch.equal(w, theirs[f"{name}.{e}.{proj}.weight"]), (name, e, proj)
+                    checked += 1
+    assert checked == len(quantized_modules)
+    return loaded
+
+
 def _args(bits, group, symmetric):
     return QuantizationArgs(num_bits=bits, strategy="channel" if group is None else "group",
                             group_size=group, symmetric=symmetric)
@@ -146,44 +198,10 @@ def test_runtime_loads_a_checkpoint_written_by_compressed_tensors(tiny128_checkp
     quantized_modules = {n: m for n, m in model.named_modules() if hasattr(m, "quantization_scheme")}
     # experts 2x8x3, q/kv_a/kv_b 3x3, shared 2x3, dense 3, lm_head, o_proj 3, projector
     assert len(quantized_modules) == 48 + 9 + 6 + 3 + 1 + 3 + 1
-    for module in quantized_modules.values():  # the min-max observer step, with their helper
-        args = module.quantization_scheme.weights
-        w = module.weight.float()
-        w = w.unflatten(-1, (-1, args.group_size)) if args.group_size else w[:, None, :]
-        scale, zero = calculate_qparams(w.amin(-1), w.amax(-1), args)
-        module.weight_scale.data.copy_(scale)
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero)
-    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
-    compressor.compress_model(model)
-    folder = tmp_path / "ct"
-    folder.mkdir()
-    save_file({**model.state_dict(), **rest}, folder / "model.safetensors", metadata={"format": "pt"})
-    for f in tiny128_checkpoint.iterdir():
-        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, folder / f.name)
-    compressor.update_config(str(folder))
-
-    # repacked to the CPU kernels' layout even without the compiled extension
-    monkeypatch.setattr(quant_modules, "kernel", lambda op: op)
-    loaded = kimivl_local.load(folder, device="cpu", dtype=torch.float32).model
-    theirs = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16).process(
-        load_file(folder / "model.safetensors"))
-    checked = 0
-    for name, module in loaded.named_modules():
-        if isinstance(module, QuantLinear):
-            w = module.weight if module.qweight is None else cpu_dequantize(module.qweight)
-            assert torch.equal(w.bfloat16(), theirs[f"{name}.weight"]), name
-            checked += 1
-        elif isinstance(module, QuantExperts):
-            inter = module.shapes["gate_proj"][0]
-            w13, w2 = cpu_dequantize(module.w13).bfloat16(), cpu_dequantize(module.w2).bfloat16()
-            for e in range(module.num_experts):
-                for proj, w in (("gate_proj", w13[e, :inter]), ("up_proj", w13[e, inter:]),
-                                ("down_proj", w2[e])):
-                    assert torch.equal(w, theirs[f"{name}.{e}.{proj}.weight"]), (name, e, proj)
-                    checked += 1
-    assert checked == len(quantized_modules)
+    folder = _write_with_their_compressor(model, rest, quantized_modules, tiny128_checkpoint,
+                                          tmp_path)
+    loaded = _assert_loads_as_they_dequantize(folder, quantized_modules, monkeypatch,
+                                              all_on_kernels=False)
     o_proj = loaded.language_model.model.layers[0].self_attn.o_proj
     assert o_proj.qweight is None and o_proj.weight is not None  # group 16: dequantized at load
     assert loaded.multi_modal_projector.linear_1.qweight.zeros is not None
