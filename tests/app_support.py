@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The chat window's settings as ChatHandlers.submit takes them: greedy, a short answer.
+SETTINGS = dict(system="", temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=8, pdf_pages="",
+                pdf_text=False)
 
 
 def import_app(module: str):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app_support import import_app
+from app_support import SETTINGS, import_app
 from media_files import write_pdf, write_video
 
 pytest.importorskip("gradio")
@@ -21,8 +21,6 @@ chat = import_app("chat")
 handlers_mod = import_app("handlers")
 worker = import_app("worker")
 
-SETTINGS = dict(system="", temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=8, pdf_pages="",
-                pdf_text=False)
 TIMEOUT = 30
 
 

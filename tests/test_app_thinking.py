@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from app_support import import_app
+from app_support import SETTINGS, import_app
 from image_bytes import encoded
 from media_files import write_pdf
 
@@ -17,8 +17,6 @@ chat = import_app("chat")
 handlers_mod = import_app("handlers")
 worker = import_app("worker")
 
-SETTINGS = dict(system="", temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=8, pdf_pages="",
-                pdf_text=False)
 NO_ANSWER = "*No answer: the reply ended while still thinking.*"
 REQUEST = SimpleNamespace(session_hash="s1")
 
