@@ -10,11 +10,16 @@ Tolerances (mag = sum_k |W[n,k] * x_hat[k]|, computed in fp64):
     over random data the relative RMS error stays below 1% (about 0.4% expected for int8 per 32).
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import kimivl_local
+from kimivl_local.kernels.extension import extension as kernel_extension
 from kimivl_local.ops import quant_matmul, quant_matmul_reference, quantize_activations_reference
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import CpuQuantWeight, dequantize
@@ -154,3 +159,36 @@ def test_bad_arguments_name_the_argument():
         quant_matmul(x.to("meta"), w)
     with pytest.raises(ValueError, match="scales must have shape"):
         CpuQuantWeight(w.qweight, w.scales[:1], None, 4, 32, 32, 64)
+
+
+_SPIN_SCRIPT = """
+import sys, torch
+from kimivl_local.ops import quant_matmul
+w, x = torch.load(sys.argv[1], weights_only=False)
+torch.save(quant_matmul(x, w), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("spin, warned", [
+    ("fast", True), ("0", False), *(pytest.param(bad, True, marks=pytest.mark.slow)
+                                    for bad in ("-5", "100001", "99999999999999999999"))])
+def test_bad_spin_time_is_named_and_the_default_used(spin, warned, tmp_path):
+    """KIMIVL_SPIN_US (csrc/cpu/parallel.cpp) that is not a whole number of microseconds up to
+    100000 gets one warning naming it, and the pool still computes the same product."""
+    if not hasattr(kernel_extension(), "quant_matmul"):
+        pytest.skip("no compiled quant_matmul in this install")
+    w = make_weight(1000, 1024, 4, 128, True)  # enough work for the pool's second thread
+    x = torch.randn(7, 1024)
+    torch.save((w, x), tmp_path / "in.pt")
+    env = {**os.environ, "KIMIVL_SPIN_US": spin, "KIMIVL_NUM_THREADS": "2",
+           "PYTHONPATH": str(Path(kimivl_local.__file__).parents[1])}  # this test's build
+    run = subprocess.run([sys.executable, "-c", _SPIN_SCRIPT, str(tmp_path / "in.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, check=True,
+                         timeout=120, env=env)
+    warnings = [line for line in run.stderr.splitlines() if "KIMIVL_SPIN_US" in line]
+    if warned:
+        assert warnings == [f"kimivl-local: warning: KIMIVL_SPIN_US={spin} is not a whole number"
+                            " of microseconds from 0 to 100000; using 100"]
+    else:
+        assert warnings == []
+    assert torch.equal(torch.load(tmp_path / "out.pt"), quant_matmul(x, w))

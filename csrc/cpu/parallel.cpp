@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -43,11 +44,27 @@ thread_local bool in_worker = false;  // nested parallel_for calls run serially
 // a small projection takes), so both sides first poll the shared state for KIMIVL_SPIN_US
 // microseconds (default 100), then sleep. KIMIVL_SPIN_US=0 never polls: where other programs
 // keep every core busy, a polling helper can take the core the caller needs.
+// A value that is not a whole number of microseconds up to kMaxSpinUs is named in one warning
+// and the default used: read on first use, possibly on a pool thread, where throwing would abort.
+constexpr long kDefaultSpinUs = 100, kMaxSpinUs = 100000;
+
+long parse_spin_us(const char* env) {
+  if (env == nullptr || env[0] == '\0') return kDefaultSpinUs;
+  long us = 0;
+  for (const char* c = env; *c != '\0'; ++c) {
+    if (*c < '0' || *c > '9' || (us = us * 10 + (*c - '0')) > kMaxSpinUs) {
+      std::fprintf(stderr,
+                   "kimivl-local: warning: KIMIVL_SPIN_US=%s is not a whole number of "
+                   "microseconds from 0 to %ld; using %ld\n",
+                   env, kMaxSpinUs, kDefaultSpinUs);
+      return kDefaultSpinUs;
+    }
+  }
+  return us;
+}
+
 std::chrono::microseconds spin_time() {
-  static const std::chrono::microseconds us([] {
-    const char* env = std::getenv("KIMIVL_SPIN_US");
-    return env ? std::max(0L, std::strtol(env, nullptr, 10)) : 100L;
-  }());
+  static const std::chrono::microseconds us(parse_spin_us(std::getenv("KIMIVL_SPIN_US")));
   return us;
 }
 
