@@ -18,18 +18,6 @@ from kimivl_local.inputs.media import check_item, pdf_item, video_item
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 FILE_TYPES = ["image", ".pdf", *VIDEO_SUFFIXES]  # what the upload button offers
-# Below these, sampling is greedy: the limit of both parameters, and smaller values overflow the
-# fp32 sampler to NaN (1e-300 / logits) or drop every token (a top_p that rounds to 0 in fp32).
-MIN_TEMPERATURE = 1e-4
-MIN_TOP_P = 1e-6
-
-
-def greedy_if_vanishing(temperature: float, top_p: float) -> tuple[float, float]:
-    """(temperature, top_p) to sample with: (0, 1), greedy, when either is too small to use."""
-    if temperature < MIN_TEMPERATURE or top_p < MIN_TOP_P:
-        return 0.0, 1.0
-    return temperature, top_p
-
 
 @dataclass
 class Turn:
@@ -72,7 +60,6 @@ class Settings:
         if not all(math.isfinite(x) for x in numbers):
             raise InputError("the sampling settings must be numbers")
         temperature, top_p, top_k, max_new_tokens = numbers
-        temperature, top_p = greedy_if_vanishing(temperature, top_p)
         return dict(temperature=temperature, top_p=top_p, top_k=int(top_k),
                     max_new_tokens=int(max_new_tokens))
 

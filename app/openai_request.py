@@ -5,8 +5,6 @@ input ends as a ChatRequest or an APIError (400 naming the field), never another
 Anything the runtime cannot honour (tools, logprobs, n > 1, penalties, remote image URLs) is
 refused rather than silently ignored; unknown fields are ignored, as OpenAI-compatible local
 servers do, because clients send many optional ones.
-
-A temperature or top_p too small to sample with samples greedily (chat.greedy_if_vanishing).
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
-
-from .chat import greedy_if_vanishing
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
@@ -93,7 +89,6 @@ def parse_chat_request(body: Any, defaults: dict) -> ChatRequest:
         raise APIError(400, "only n=1 is supported", "n")
     temperature = _or(_number(body, "temperature", float, 0, 2), defaults["temperature"])
     top_p = _or(_number(body, "top_p", float, 0, 1), defaults["top_p"])
-    temperature, top_p = greedy_if_vanishing(temperature, top_p)
     options = {
         "max_new_tokens": _number(body, "max_completion_tokens", int, 1)
         or _number(body, "max_tokens", int, 1) or defaults["max_new_tokens"],

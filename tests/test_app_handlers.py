@@ -333,5 +333,7 @@ def test_unusable_sampling_settings(handlers, spy):
     """What no slider gives but Gradio's API passes (NaN is within every slider's bounds)."""
     *_, turns, _ = send(handlers, [], "hi", temperature=float("nan"))
     assert "sampling settings must be numbers" in turns[-1].error and spy == []
-    *_, turns, _ = send(handlers, [], "hi", temperature=1e-300, top_p=1.0)
-    assert turns[-1].ok and spy[-1][1]["temperature"] == 0.0  # too small to sample: greedy
+    *_, turns, _ = send(handlers, [], "hi", temperature=1e-300, top_p=0.0)
+    assert turns[-1].ok  # too small to sample with: the sampler's greedy
+    *_, turns, _ = send(handlers, [], "hi", temperature=-1.0)
+    assert "temperature must be a finite number >= 0 (got -1.0)" in turns[-1].error

@@ -96,7 +96,7 @@ def test_synthetic_command(tmp_path, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--top-p", "0"], ["--max-new-tokens", "0"]])
+@pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--top-p", "1.5"], ["--max-new-tokens", "0"]])
 def test_bad_sampling_options(tiny_checkpoint, bad):
     result = _run("generate", str(tiny_checkpoint), "-p", "x", *bad)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr

@@ -52,7 +52,7 @@ def test_seed_reproducible():
 
 def test_bad_sampling_params():
     for kwargs in ({"temperature": -0.1}, {"temperature": NAN}, {"temperature": INF},
-                   {"top_p": 0.0}, {"top_p": 1.5}, {"top_p": NAN}, {"top_k": -1}):
+                   {"top_p": -0.1}, {"top_p": 1.5}, {"top_p": NAN}, {"top_k": -1}):
         with pytest.raises(InputError):
             SamplingParams(**kwargs)
 
@@ -86,11 +86,17 @@ def test_masked_logits_still_sample(params):
     assert Sampler(params)(torch.tensor([-INF, 2.0, -INF, 1.0])) in (1, 3)
 
 
-@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
-def test_tiny_temperature_is_greedy_not_nan(temperature):
-    logits = torch.tensor([1.0, 3.0, 2.999, -5.0])
-    for top_p in (1.0, 1e-9):
-        assert Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=0))(logits) == 1
+@pytest.mark.parametrize("temperature, top_p", [
+    (0.99e-4, 1.0), (1e-30, 1.0), (1e-45, 1e-9), (5e-324, 1.0),  # vanishing temperature
+    (1.0, 0.99e-6), (1.0, 1e-320), (1.0, 5e-324), (1.0, 0.0)])  # vanishing top_p
+def test_vanishing_temperature_or_top_p_is_greedy_not_nan(temperature, top_p):
+    """Below MIN_TEMPERATURE or MIN_TOP_P (the limits of both) the sampler takes the argmax,
+    even where sampling would split a near-tie (token 2 is one fp32 step below token 1) or a
+    top_p that rounds to 0 in fp32 would drop every token."""
+    logits = torch.tensor([1.0, 3.0, 3.0, -5.0])
+    logits[2] = logits[2].nextafter(torch.tensor(0.0))
+    draws = _draws(SamplingParams(temperature=temperature, top_p=top_p, seed=0), logits, n=200)
+    assert set(draws.tolist()) == {1}
 
 
 def test_model_with_nan_weights_stops_without_streaming(tiny_checkpoint):

@@ -15,10 +15,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from kimivl_local.engine.sampling import SamplingParams
+from kimivl_local.engine.sampling import Sampler, SamplingParams
 
 request = import_app("openai_request")
-chat = import_app("chat")
+LOGITS = torch.tensor([0.5, 2.0, -1.0, 1.5])
 DEFAULTS = {"temperature": 0.2, "top_p": 1.0, "max_new_tokens": 64}
 BUDGET = settings(max_examples=150, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow])
@@ -55,8 +55,8 @@ def check(body) -> None:
         assert len(json.dumps(exc.body())) < 2000  # bounded, whatever the input
         return
     o = req.options
-    SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["seed"])  # accepted as is
-    assert o["temperature"] == 0.0 or o["temperature"] >= chat.MIN_TEMPERATURE
+    params = SamplingParams(o["temperature"], o["top_p"], o["top_k"], o["seed"])  # accepted as is
+    assert Sampler(params)(LOGITS) in range(len(LOGITS))  # and sampled from, never NaN
     assert type(o["max_new_tokens"]) is int and o["max_new_tokens"] >= 1
     if o["seed"] is not None:
         torch.Generator().manual_seed(o["seed"])

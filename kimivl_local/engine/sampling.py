@@ -9,19 +9,23 @@ import torch
 
 from ..errors import InputError, NonFiniteLogitsError
 
+# Below these, sampling is greedy: the limit of both parameters. Smaller ones would only
+# approximate it (a top_p that rounds to 0 in fp32 would even drop every token).
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included) = greedy
+    top_p: float = 1.0  # below MIN_TOP_P (0 included) = greedy
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:
             raise InputError(f"temperature must be a finite number >= 0 (got {self.temperature})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise InputError(f"top_p must be in [0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (got {self.top_k})")
 
@@ -39,9 +43,7 @@ class Sampler:
         """logits [vocab] fp32 -> token id; NonFiniteLogitsError when they hold NaN or +inf
         (or are all -inf). The check rides on the token's own read-back: no extra sync."""
         p = self.params
-        # A temperature below fp32's smallest normal is greedy in effect, and dividing by it
-        # in fp32 could give 0 / 0.
-        if p.temperature < torch.finfo(torch.float32).tiny:
+        if p.temperature < MIN_TEMPERATURE or p.top_p < MIN_TOP_P:
             token = logits.argmax()
             # argmax picks a NaN or +inf when there is one; gather keeps this on the device
             ok = logits.gather(0, token.view(1))[0].isfinite()
