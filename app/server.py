@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from kimivl_local.errors import KimiVLError
 
+from .gradio_bodies import GradioBodyCheck
 from .handlers import ChatHandlers
 from .openai_api import openai_router
 from .transport import server_config
@@ -52,6 +53,7 @@ def build_app(model, *, max_upload_mb: int = 100, max_waiting: int = 32) -> Fast
     gr.mount_gradio_app(app, demo, path="/", max_file_size=max_upload_mb * 2**20, theme=THEME,
                         css=CSS, ssr_mode=False, footer_links=[], run_history=False,
                         enable_monitoring=False, mcp_server=False)
+    app.add_middleware(GradioBodyCheck, blocks=demo, max_body_bytes=max_upload_mb * 2**20)
     closed_routes(app, upload_dir, STORED_UPLOADS * max_upload_mb * 2**20)
     return app
 

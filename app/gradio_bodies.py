@@ -1,0 +1,122 @@
+"""Gradio's event routes take well-formed bodies only: the rest get a short 4xx, not a 500.
+
+Gradio checks these bodies' field types (422), but an fn_index that names no handler, an API
+name that names no endpoint, `data` with the wrong number of values or keyword arguments the
+endpoint does not take end as an uncaught exception deep inside it: HTTP 500 and a traceback in
+the server's log. `GradioBodyCheck` reads the body of each event route first (up to the size
+the API allows a request, held in memory the same way) and answers what is malformed in
+OpenAI's error shape, like the API routes; what passes reaches Gradio unchanged. What each
+value means (a slider's range, a file's path) stays Gradio's and the textbox's to check.
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.requests import ClientDisconnect
+
+from .openai_request import APIError, parse_json
+
+# Under Gradio's mount at "/": the queue (the browser's queued events), /run and /api (its
+# unqueued events, scripts), /call (Gradio's curl-style API: `data` as a list, or in /call/v2
+# an object of keyword arguments).
+EVENT_ROUTE = re.compile(r"/gradio_api/(?:(queue)/join|(run|api|call|call/v2)/([^/]+))/?")
+
+
+class GradioBodyCheck:
+    """ASGI middleware for `blocks` (the mounted gr.Blocks), with bodies up to max_body_bytes."""
+
+    def __init__(self, app, blocks, max_body_bytes: int):
+        self.app, self.blocks, self.max_body_bytes = app, blocks, max_body_bytes
+        self._parameters = None  # /call/v2's {endpoint: {parameter: required}}, built on first use
+
+    async def __call__(self, scope, receive, send):
+        route = EVENT_ROUTE.fullmatch(scope["path"]) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self._read(scope, receive)
+            self._check(route[1] or route[2], route[3], parse_json(body))
+        except APIError as exc:
+            return await exc.response()(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client's disconnect, if it leaves
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, scope, receive) -> bytes:
+        too_big = APIError(413, f"the request body is over {self.max_body_bytes // 2**20} MiB; "
+                                "raise --max-upload-mb to allow it")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # transport.access_log's 499, as Starlette's
+                raise ClientDisconnect()
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                raise too_big
+            if not message.get("more_body"):
+                return bytes(body)
+
+    def _check(self, kind: str, api_name: str | None, body) -> None:
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if kind == "call/v2":
+            return self._check_keywords(api_name, body)
+        data = body.get("data")
+        if not isinstance(data, list):
+            raise APIError(400, "'data' must be a list of the event's input values", "data")
+        fn_index = body.get("fn_index") if kind != "call" else None  # /call ignores it
+        if fn_index is not None:
+            if type(fn_index) is not int or fn_index not in self.blocks.fns:
+                raise APIError(400, f"'fn_index' {_short(fn_index)} names no event handler",
+                               "fn_index")
+            fn = self.blocks.fns[fn_index]
+        elif api_name is not None:
+            fn = self._endpoint(api_name)
+        else:
+            return  # the queue without an fn_index: Gradio answers 400
+        counts = {len(fn.inputs)}
+        if kind == "call":  # a script may leave out the inputs the API hides (gr.State)
+            counts.add(sum(not block.skip_api for block in fn.inputs))
+        if len(data) not in counts:
+            expected = " or ".join(str(n) for n in sorted(counts))
+            raise APIError(400, f"'data' holds {len(data)} values; {fn.api_name} takes "
+                                f"{expected}", "data")
+
+    def _endpoint(self, api_name: str):
+        for fn in self.blocks.fns.values():
+            if fn.api_name == api_name:
+                return fn
+        raise APIError(404, f"no API endpoint named {_short(api_name)}", code="not_found")
+
+    def _check_keywords(self, api_name: str, body: dict) -> None:
+        if self._parameters is None:
+            self._parameters = {
+                name.lstrip("/"): {p["parameter_name"]: not p["parameter_has_default"]
+                                   for p in endpoint["parameters"]}
+                for name, endpoint in self.blocks.get_api_info()["named_endpoints"].items()}
+        parameters = self._parameters.get(api_name)
+        if parameters is None:
+            raise APIError(404, f"no API endpoint named {_short(api_name)}", code="not_found")
+        unknown = [key for key in body if key not in parameters and key != "oauth_token"]
+        if unknown:
+            raise APIError(400, f"{api_name} takes no argument {_short(unknown[0])} (it takes "
+                                f"{', '.join(parameters) or 'none'})", unknown[0][:40])
+        missing = [name for name, required in parameters.items() if required and name not in body]
+        if missing:
+            raise APIError(400, f"{api_name} needs the argument {missing[0]!r}", missing[0])
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
