@@ -90,8 +90,8 @@ class GradioBodyCheck:
             counts.add(sum(not block.skip_api for block in fn.inputs))
         if len(data) not in counts:
             expected = " or ".join(str(n) for n in sorted(counts))
-            raise APIError(400, f"'data' holds {len(data)} values; {fn.api_name} takes "
-                                f"{expected}", "data")
+            raise APIError(400, f"'data' holds {len(data)} value{'s' * (len(data) != 1)}; "
+                                f"{fn.api_name} takes {expected}", "data")
 
     def _endpoint(self, api_name: str):
         for fn in self.blocks.fns.values():

@@ -46,8 +46,8 @@ CASES = [  # route, body (bytes as sent, else JSON), status, words of the messag
     ("queue/join", join(-1, []), 400, "names no event handler"),  # 500
     ("queue/join", join(True, []), 400, "names no event handler"),  # fn 1
     ("queue/join", join("submit", [BOX, None, *SETTINGS]), 400, "names no event handler"),
-    ("queue/join", join("SUBMIT", [BOX]), 400, "'data' holds 1 values; submit takes 9"),  # 200
-    ("run/submit", {"data": [BOX]}, 400, "'data' holds 1 values"),  # 500
+    ("queue/join", join("SUBMIT", [BOX]), 400, "'data' holds 1 value; submit takes 9"),  # 200
+    ("run/submit", {"data": [BOX]}, 400, "'data' holds 1 value;"),  # 500
     ("run/predict", {"data": [], "fn_index": 99_999}, 400, "names no event handler"),  # 500
     ("run/nope", {"data": []}, 404, "no API endpoint named 'nope'"),  # 500
     ("api/nope", {"data": []}, 404, "no API endpoint named 'nope'"),  # 500
