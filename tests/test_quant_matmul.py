@@ -187,8 +187,8 @@ def test_bad_spin_time_is_named_and_the_default_used(spin, warned, tmp_path):
                          timeout=120, env=env)
     warnings = [line for line in run.stderr.splitlines() if "KIMIVL_SPIN_US" in line]
     if warned:
-        assert warnings == [f"kimivl-local: warning: KIMIVL_SPIN_US={spin} is not a whole number"
-                            " of microseconds from 0 to 100000; using 100"]
+        assert warnings == [(f"kimivl-local: warning: KIMIVL_SPIN_US={spin} is not a whole number"
+                             " of microseconds from 0 to 100000; using 100")]
     else:
         assert warnings == []
     assert torch.equal(torch.load(tmp_path / "out.pt"), quant_matmul(x, w))
