@@ -3,17 +3,22 @@
 Gradio checks these bodies' field types (422), but an fn_index that names no handler, an API
 name that names no endpoint, `data` with the wrong number of values or keyword arguments the
 endpoint does not take end as an uncaught exception deep inside it: HTTP 500 and a traceback in
-the server's log. `GradioBodyCheck` reads the body of each event route first (up to the size
-the API allows a request, held in memory the same way) and answers what is malformed in
-OpenAI's error shape, like the API routes; what passes reaches Gradio unchanged. What each
-value means (a slider's range, a file's path) stays Gradio's and the textbox's to check.
+the server's log. A value its component rejects (a textbox message that is not {text, files}, a
+slider value out of range or not a number) is refused later, in Gradio's queue, again with a
+traceback. `GradioBodyCheck` reads the body of each event route first (up to the size the API
+allows a request, held in memory the same way) and answers what is malformed in OpenAI's error
+shape, like the API routes, plus Gradio's "detail" for its browser client; what passes reaches
+Gradio unchanged. Which files a message may name stays the textbox's to check (uploads.py).
 """
 
 from __future__ import annotations
 
 import re
 
+import gradio as gr
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 
 from .openai_request import APIError, parse_json
 
@@ -28,7 +33,7 @@ class GradioBodyCheck:
 
     def __init__(self, app, blocks, max_body_bytes: int):
         self.app, self.blocks, self.max_body_bytes = app, blocks, max_body_bytes
-        self._parameters = None  # /call/v2's {endpoint: {parameter: required}}, built on first use
+        self._parameters = None  # /call/v2's {endpoint: {parameter: its API info}}, on first use
 
     async def __call__(self, scope, receive, send):
         route = EVENT_ROUTE.fullmatch(scope["path"]) if scope["type"] == "http" else None
@@ -37,8 +42,9 @@ class GradioBodyCheck:
         try:
             body = await self._read(scope, receive)
             self._check(route[1] or route[2], route[3], parse_json(body))
-        except APIError as exc:
-            return await exc.response()(scope, receive, send)
+        except APIError as exc:  # "detail": what Gradio's browser client shows of an error
+            response = JSONResponse({**exc.body(), "detail": exc.message}, exc.status)
+            return await response(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -92,6 +98,10 @@ class GradioBodyCheck:
             expected = " or ".join(str(n) for n in sorted(counts))
             raise APIError(400, f"'data' holds {len(data)} value{'s' * (len(data) != 1)}; "
                                 f"{fn.api_name} takes {expected}", "data")
+        inputs = fn.inputs if len(data) == len(fn.inputs) else \
+            [block for block in fn.inputs if not block.skip_api]
+        for block, value in zip(inputs, data):
+            _check_value(fn.api_name, block, value)
 
     def _endpoint(self, api_name: str):
         for fn in self.blocks.fns.values():
@@ -102,8 +112,7 @@ class GradioBodyCheck:
     def _check_keywords(self, api_name: str, body: dict) -> None:
         if self._parameters is None:
             self._parameters = {
-                name.lstrip("/"): {p["parameter_name"]: not p["parameter_has_default"]
-                                   for p in endpoint["parameters"]}
+                name.lstrip("/"): {p["parameter_name"]: p for p in endpoint["parameters"]}
                 for name, endpoint in self.blocks.get_api_info()["named_endpoints"].items()}
         parameters = self._parameters.get(api_name)
         if parameters is None:
@@ -112,9 +121,33 @@ class GradioBodyCheck:
         if unknown:
             raise APIError(400, f"{api_name} takes no argument {_short(unknown[0])} (it takes "
                                 f"{', '.join(parameters) or 'none'})", unknown[0][:40])
-        missing = [name for name, required in parameters.items() if required and name not in body]
+        missing = [name for name, p in parameters.items()
+                   if not p["parameter_has_default"] and name not in body]
         if missing:
             raise APIError(400, f"{api_name} needs the argument {missing[0]!r}", missing[0])
+        # Gradio hands them on in this order, defaults filled in, as the API's visible inputs
+        inputs = [block for block in self._endpoint(api_name).inputs if not block.skip_api]
+        for block, (name, p) in zip(inputs, parameters.items()):
+            _check_value(api_name, block, body.get(name, p.get("parameter_default")))
+
+
+def _check_value(api_name: str, block, value) -> None:
+    """The checks Gradio makes before a handler runs that end in a traceback when they fail:
+    the component's data model (the textbox's {text, files}), a slider's range."""
+    name = f"{api_name}'s {block.label or type(block).__name__} value"
+    if block.stateful:  # the server's own state; Gradio ignores what the client sends
+        return
+    model = getattr(block, "data_model", None)
+    if model is not None and value is not None:
+        try:
+            model.model_validate(value, context={"validate_meta": True})
+        except ValidationError as exc:
+            raise APIError(400, f"{name} is malformed ({exc.errors()[0]['msg']})", "data") \
+                from None
+    if isinstance(block, gr.Slider) and (type(value) not in (int, float)
+                                         or not block.minimum <= value <= block.maximum):
+        raise APIError(400, f"{name} must be a number from {block.minimum} to {block.maximum}, "
+                            f"got {_short(value)}", "data")
 
 
 def _short(value) -> str:

@@ -58,6 +58,16 @@ CASES = [  # route, body (bytes as sent, else JSON), status, words of the messag
     ("call/v2/submit", {"box": BOX}, 400, "needs the argument 'system'"),  # 500
     ("call/v2/nope", {}, 404, "no API endpoint named 'nope'"),  # 500
     ("call/submit", b'{"data": ["\xff"]}', 400, "not valid JSON"),  # 400
+    # values of the wrong type or range: 200, then a traceback and an error event
+    ("call/submit", {"data": ["hi", None, *SETTINGS]}, 400, "UploadedFilesTextbox value is"),
+    ("call/submit", {"data": [{"text": "hi", "files": "a.png"}, None, *SETTINGS]}, 400,
+     "value is malformed (Input should be a valid list)"),
+    ("queue/join", join("SUBMIT", [BOX, None, "", "hot", *SETTINGS[2:]]), 400,
+     "submit's Temperature value must be a number from 0 to 2, got 'hot'"),
+    ("call/submit", {"data": [BOX, None, "", 0.0, 1.0, 0, 4, "", False]}, 400,
+     "Max new tokens value must be a number from 16 to 8192, got 4"),
+    ("call/v2/submit", {"box": BOX, "system": "", "pdf_pages": "", "top_p": None}, 400,
+     "Top-p value must be a number"),
 ]
 
 
@@ -71,7 +81,8 @@ def test_malformed_event_bodies_get_a_short_4xx(url, submit_index, capfd, route,
                    headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert words in error["message"] and len(r.content) < 400
+    assert words in error["message"] and len(r.content) < 600
+    assert r.json()["detail"] == error["message"]  # what Gradio's browser client shows
     assert "Traceback" not in capfd.readouterr().err
 
 
