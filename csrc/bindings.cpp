@@ -33,7 +33,8 @@ py::dict cpu_feature_dict() {
   d["avx512_vnni"] = f.avx512_vnni;
   d["avx512_bf16"] = f.avx512_bf16;
   d["avx_vnni"] = f.avx_vnni;
-  d["amx_int8"] = f.amx_int8;
+  d["avx512_vbmi"] = f.avx512_vbmi;
+  d["amx_bf16"] = f.amx_bf16;
   d["amx_permitted"] = f.amx_permitted;
   return d;
 }

@@ -19,8 +19,9 @@ def force_isa(monkeypatch, isa: str, op: str) -> str:
     return isa
 
 
-def activation_block(isa: str, rows: int, in_features: int) -> int:
-    """The span of K the CPU kernels quantize activations over (csrc/cpu/qgemm.cpp): 128 on the
-    AMX path for 16 or more rows where K rounded up to 32 is a multiple of 128, else 32."""
-    kp = -(-in_features // 32) * 32
-    return 128 if isa == "amx" and rows >= 16 and kp % 128 == 0 else 32
+def bf16_tiles(isa: str, rows: int, moe: bool = False) -> bool:
+    """Whether a call takes the CPU kernels' AMX bf16 path (csrc/cpu/qgemm.h): the amx ISA and at
+    least 16 activation rows (quant_matmul) or 64 tokens (moe_block). That path rounds the
+    activations (and the MoE's h) and the dequantized weights to bf16 instead of quantizing
+    activations to int8 per 32."""
+    return isa == "amx" and rows >= (64 if moe else 16)

@@ -10,6 +10,9 @@ evaluating silu and the product). Where that can move h * 127 / amax across a ro
 there and the exact value elsewhere:
   |y - y_o| <= sum_j |w_j| (c2 sum|W2 h_o| + |W2| (rel_d |h_o| + d [ambiguous])) + 1e-6 sum|w y|
 and 2^-8 |y_o| more for a bf16 output (8 significant bits).
+On the AMX path (64 tokens or more on an AMX CPU) x, h and the dequantized weights are rounded to
+bf16 instead (exactly as the oracle does for x and the weights; h within the bf16 values of
+h -/+ eps_h) and every product accumulates in fp32.
 """
 
 import sys
@@ -22,7 +25,7 @@ from kimivl_local.ops import moe_block, moe_block_reference, quantize_activation
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import dequantize
 
-from kernel_support import ISAS, activation_block, force_isa
+from kernel_support import ISAS, bf16_tiles, force_isa
 
 moe_mod = sys.modules["kimivl_local.ops.moe"]
 
@@ -63,26 +66,51 @@ def quantize_with_slack(h, eps):
     return hq.flatten(-2), slack.flatten(-2), int(ambiguous.sum())
 
 
-def oracle(x, weights, ids, w13, w2, block=32):
-    """fp64 result and bound, for inputs quantized per `block` K (kernel_support.activation_block;
-    h is quantized per 32 on every path)."""
-    xh = quantize_activations_reference(x, block)
+def bf16_with_slack(h, eps):
+    """h [P, I] rounded to bf16 as the AMX path stores it, and the per-element slack of the
+    kernel's value: its h lies within eps of ours, and rounding is monotonic, so its bf16 value
+    lies between those of h - eps and h + eps."""
+    def to_bf16(v):
+        return v.float().bfloat16().double()
+    hq = to_bf16(h)
+    return hq, torch.maximum(to_bf16(h + eps) - hq, hq - to_bf16(h - eps))
+
+
+def bf16_bound(k, xh, wd):
+    """fp32 accumulation of bf16 products over k (the AMX tiles): 2 (k + 8) 2^-24 sum|terms|."""
+    return 2 * (-(-k // 32) * 32 + 8) * 2.0 ** -24 * (xh.abs() @ wd.abs().T)
+
+
+def oracle(x, weights, ids, w13, w2, bf16=False):
+    """fp64 result and bound, for activations quantized to int8 per 32 K, or for the AMX path's
+    bf16 operands (bf16=True, kernel_support.bf16_tiles)."""
     w13d, w2d = dequantize(w13, torch.float64), dequantize(w2, torch.float64)
+    if bf16:  # s * (v - z) is exact in fp32: the kernel's weights are these rounded once
+        xh = x.float().bfloat16().double()
+        w13d, w2d = (w.float().bfloat16().double() for w in (w13d, w2d))
+    else:
+        xh = quantize_activations_reference(x)
     out = torch.zeros(x.shape, dtype=torch.float64)
     tol = torch.zeros(x.shape, dtype=torch.float64)
     inter = w2.in_features
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
         gu = xh[tok] @ w13d[e].T
-        eps = matmul_bound(w13, w13d[e], xh[tok])
+        eps = bf16_bound(w13.in_features, xh[tok], w13d[e]) if bf16 else matmul_bound(
+            w13, w13d[e], xh[tok])
         g, u, eg, eu = gu[:, :inter], gu[:, inter:], eps[:, :inter], eps[:, inter:]
         h = F.silu(g) * u
         eps_h = 1.1 * eg * (u.abs() + eu) + (F.silu(g).abs() + 1.1 * eg) * eu + 1e-6 * h.abs()
-        hq, slack, _ = quantize_with_slack(h, eps_h)
+        if bf16:
+            hq, slack = bf16_with_slack(h, eps_h)
+            bound = bf16_bound(inter, hq.abs() + slack, w2d[e])
+        else:
+            hq, slack, _ = quantize_with_slack(h, eps_h)
+            bound = matmul_bound(w2, w2d[e], hq)
         y = hq @ w2d[e].T
         wt = weights[tok, slot, None].double()
         out.index_add_(0, tok, wt * y)
-        err = matmul_bound(w2, w2d[e], hq) + slack @ w2d[e].abs().T + 1e-6 * y.abs()
+        err = bound + slack @ w2d[e].abs().T + 1e-6 * y.abs()
         tol.index_add_(0, tok, wt.abs() * err)
     return out, tol + 1e-12
 
@@ -117,7 +145,7 @@ def test_against_fp64(isa, t, e, k, hidden, inter, mode, s13, s2):
     w13, w2 = make_experts(e, hidden, inter, s13, s2, seed=t + e)
     weights, ids = route(t, e, k, seed=t, mode=mode)
     x = torch.randn(t, hidden, generator=torch.Generator().manual_seed(k)).bfloat16()
-    y_o, tol = oracle(x, weights, ids, w13, w2, activation_block(isa, t, hidden))
+    y_o, tol = oracle(x, weights, ids, w13, w2, bf16_tiles(isa, t, moe=True))
     tol_bf16 = tol + 2.0 ** -8 * y_o.abs()
     # Against the fp32 reference without activation quantization: int8 per 32 costs ~0.5% per GEMM.
     ref = moe_block_reference(x.double(), weights, ids, w13, w2)
@@ -136,7 +164,7 @@ def test_prefill_512_tokens(isa):
     weights, ids = route(512, 16, 6, seed=6)
     x = torch.randn(512, 128)
     y = moe_block(x, weights, ids.to(torch.int32), w13, w2)
-    y_o, tol = oracle(x, weights, ids, w13, w2, activation_block(isa, 512, 128))
+    y_o, tol = oracle(x, weights, ids, w13, w2, bf16_tiles(isa, 512, moe=True))
     assert ((y.double() - y_o).abs() <= tol).all()
 
 

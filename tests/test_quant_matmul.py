@@ -24,7 +24,7 @@ from kimivl_local.ops import quant_matmul, quant_matmul_reference, quantize_acti
 from kimivl_local.quant import QuantScheme, quantize_rtn, to_cpu_layout
 from kimivl_local.quant.cpu_layout import CpuQuantWeight, dequantize
 
-from kernel_support import ISAS, activation_block, force_isa
+from kernel_support import ISAS, bf16_tiles, force_isa
 
 qm = sys.modules["kimivl_local.ops.quant_matmul"]
 
@@ -41,21 +41,31 @@ def make_weight(n, k, bits, group, sym, scale_dtype=torch.bfloat16, seed=0):
     return to_cpu_layout(quantize_rtn(w.to(scale_dtype), QuantScheme(bits, group, sym)))
 
 
-def tolerance(x, w, out_dtype, block=32):
+def tolerance(x, w, out_dtype, bf16=False):
     """(exact-oracle result, its bound) and (true product, its bound) as described above, for
-    activations quantized per `block` K (kernel_support.activation_block)."""
+    activations quantized to int8 per 32 K, or for the AMX path's bf16 operands (bf16=True,
+    kernel_support.bf16_tiles)."""
     wd = dequantize(w, torch.float64)
-    xh = quantize_activations_reference(x, block)
+    x64 = x.double()
+    y_true = x64 @ wd.T
+    if bf16:
+        # s * (v - z) is exact in fp32, so the kernel's weight is wd rounded once to bf16.
+        xh, wh = x.float().bfloat16().double(), wd.float().bfloat16().double()
+        y_exact, mag = xh @ wh.T, xh.abs() @ wh.abs().T
+        tol = 2 * (-(-w.in_features // 32) * 32 + 8) * 2.0 ** -24 * mag
+        if out_dtype == torch.bfloat16:
+            tol = tol + 2.0 ** -8 * y_exact.abs()
+        # each operand is within 2^-9 of its own value
+        return y_exact, tol, y_true, tol + 1.01 * 2.0 ** -8 * (x64.abs() @ wd.abs().T) + 1e-12
+    xh = quantize_activations_reference(x)
     y_exact, mag = xh @ wd.T, xh.abs() @ wd.abs().T
     kc, g = -(-w.in_features // 32), -(-w.in_features // 32) * 32 // w.group_size
     tol = 2 * (kc + g + 8) * 2.0 ** -24 * mag
     if out_dtype == torch.bfloat16:
         tol = tol + 2.0 ** -8 * y_exact.abs()
-    x64 = x.double()
-    blocks = torch.nn.functional.pad(x64, (0, (-x.shape[1]) % block)).unflatten(-1, (-1, block))
+    blocks = torch.nn.functional.pad(x64, (0, (-x.shape[1]) % 32)).unflatten(-1, (-1, 32))
     half_step = (blocks.abs().amax(-1, keepdim=True) / 254).expand_as(blocks).flatten(-2)
     half_step = half_step[:, :x.shape[1]]
-    y_true = x64 @ wd.T
     return y_exact, tol, y_true, tol + half_step @ wd.abs().T + 1e-12
 
 
@@ -74,7 +84,7 @@ def test_against_fp64(isa, m, n, k, group, bits, sym):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
         y = quant_matmul(x, w)
         assert y.shape == (m, n) and y.dtype == dtype
-        y_exact, tol, y_true, loose = tolerance(x, w, dtype, activation_block(isa, m, k))
+        y_exact, tol, y_true, loose = tolerance(x, w, dtype, bf16_tiles(isa, m))
         err = (y.double() - y_exact).abs()
         assert (err <= tol).all(), f"max excess {(err - tol).max():.3g}"
         assert ((y.double() - y_true).abs() <= loose).all()
@@ -89,7 +99,7 @@ def test_every_row_count_of_a_tile(isa, bits, sym):
     x = torch.randn(17, 320, generator=torch.Generator().manual_seed(bits))
     for m in range(1, 18):
         y = quant_matmul(x[:m], w)
-        y_exact, tol, _, _ = tolerance(x[:m], w, torch.float32, activation_block(isa, m, 320))
+        y_exact, tol, _, _ = tolerance(x[:m], w, torch.float32, bf16_tiles(isa, m))
         err = (y.double() - y_exact).abs()
         assert (err <= tol).all(), f"M={m}: max excess {(err - tol).max():.3g}"
 
@@ -101,8 +111,7 @@ def test_prefill_rows(isa, bits):
     x = torch.randn(2, 256, 256)
     y = quant_matmul(x, w)
     assert y.shape == (2, 256, 72)
-    y_exact, tol, _, _ = tolerance(x.view(512, 256), w, torch.float32,
-                                   activation_block(isa, 512, 256))
+    y_exact, tol, _, _ = tolerance(x.view(512, 256), w, torch.float32, bf16_tiles(isa, 512))
     assert ((y.view(512, 72).double() - y_exact).abs() <= tol).all()
 
 

@@ -54,13 +54,14 @@ CpuFeatures detect() {
     f.avx512bw = os_avx512 && (b & (1u << 30));
     f.avx512vl = os_avx512 && (b & (1u << 31));
     f.avx512_vnni = os_avx512 && (c & (1u << 11));
-    f.amx_int8 = os_amx && (d & (1u << 25));
+    f.avx512_vbmi = os_avx512 && (c & (1u << 1));
+    f.amx_bf16 = os_amx && (d & (1u << 22)) && (d & (1u << 24));  // AMX-BF16 and AMX-TILE
   }
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
     f.avx_vnni = os_avx && (a & (1u << 4));
     f.avx512_bf16 = os_avx512 && (a & (1u << 5));
   }
-  f.amx_permitted = f.amx_int8 && request_amx_permission();
+  f.amx_permitted = f.amx_bf16 && request_amx_permission();
 #endif
   return f;
 }
@@ -84,7 +85,8 @@ const char* isa_name(Isa isa) {
 bool isa_supported(Isa isa) {
   const CpuFeatures& f = cpu_features();
   switch (isa) {
-    case Isa::kAmx: return isa_supported(Isa::kAvx512Vnni) && f.amx_permitted;
+    case Isa::kAmx: return isa_supported(Isa::kAvx512Vnni) && f.avx512_bf16 && f.avx512_vbmi &&
+                           f.amx_permitted;
     case Isa::kAvx512Vnni: return f.avx512f && f.avx512bw && f.avx512vl && f.avx512_vnni;
     case Isa::kAvx2: return f.avx2 && f.fma && f.f16c;
     default: return true;
@@ -98,7 +100,7 @@ Isa selected_isa() {
       if (std::strcmp(forced, isa_name(isa)) == 0) {
         if (!isa_supported(isa))
           throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
-                                   (isa == Isa::kAmx && cpu_features().amx_int8
+                                   (isa == Isa::kAmx && cpu_features().amx_bf16
                                         ? " but the OS did not grant this process AMX tile state"
                                         : " but this CPU does not support it"));
         return isa;
@@ -107,9 +109,7 @@ Isa selected_isa() {
     throw std::runtime_error(std::string("KIMIVL_ISA=") + forced +
                              " is not one of amx, avx512_vnni, avx2, portable");
   }
-  // Not kAmx: it is faster for prefill, but its per-128-K activation scales about double the
-  // activation rounding error on rows with outliers (qgemm_amx.h), so it runs only when asked for.
-  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2}) {
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2}) {
     if (isa_supported(isa)) return isa;
   }
   return Isa::kPortable;

@@ -13,8 +13,9 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512_vnni = false;
   bool avx512_bf16 = false;
+  bool avx512_vbmi = false;
   bool avx_vnni = false;
-  bool amx_int8 = false;
+  bool amx_bf16 = false;
   bool amx_permitted = false;  // Linux granted this process the AMX tile data state
 };
 
@@ -23,15 +24,13 @@ const CpuFeatures& cpu_features();
 
 // Kernel paths, best first. The CPU kernels pick the best one the CPU supports unless the
 // environment variable KIMIVL_ISA names another (so tests can cover every path on one machine).
-// kAmx is avx512_vnni plus AMX int8 tiles for the quantized matmul's prefill (M >= 16); every
-// other kernel treats it as avx512_vnni. Only KIMIVL_ISA=amx selects it (coarser activation
-// scales, see qgemm_amx.h).
+// kAmx is avx512_vnni plus AMX bf16 tiles for the quantized matmul's and the MoE block's
+// prefill (qgemm_amx.h); every other kernel, and decode, treats it as avx512_vnni.
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 
 const char* isa_name(Isa isa);
 bool isa_supported(Isa isa);
-// The path in force: KIMIVL_ISA if set (error if the CPU lacks it), else the best supported
-// (never kAmx).
+// The path in force: KIMIVL_ISA if set (error if the CPU lacks it), else the best supported.
 Isa selected_isa();
 
 }  // namespace kimivl

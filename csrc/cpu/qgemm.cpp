@@ -23,23 +23,18 @@ constexpr float kRoundMagic = 12582912.0f;
 // multiply-adds at decode speed) the caller runs alone.
 constexpr double kOpsPerThread = 4e6;
 
-constexpr int64_t kMaxBlockChunks = 4;  // the largest activation scale block: 128 K
-
 int useful_threads(double ops, int num_threads) {
   return static_cast<int>(std::max(1.0, std::min<double>(num_threads, ops / kOpsPerThread)));
 }
 
 // Scratch for quantized activation rows (CPU scratch is per call; Python owns inputs and outputs).
-// Not zero-filled: the quantizer and stage A write every element; only the AMX tiles' slack rows
-// after the last are zeroed.
+// Not zero-filled: the quantizer and stage A write every element.
 struct ActStorage {
   std::unique_ptr<int8_t[]> q;
   std::unique_ptr<float[]> d, ds;
   ActRows rows;
   ActStorage(int64_t n, int64_t kp)
-      : q(new int8_t[(n + kAmxSlackRows) * kp]), d(new float[n * kp / 32]),
-        ds(new float[n * kp / 32]) {
-    std::fill(q.get() + n * kp, q.get() + (n + kAmxSlackRows) * kp, int8_t{0});
+      : q(new int8_t[n * kp]), d(new float[n * kp / 32]), ds(new float[n * kp / 32]) {
     rows = {q.get(), d.get(), ds.get(), kp};
   }
 };
@@ -50,25 +45,23 @@ float load(const void* x, DType dt, int64_t i) {
 }
 
 void quantize_rows(const void* x, DType dt, int64_t n, int64_t k, const ActRows& out, int threads) {
-  const int64_t kc = out.kp / 32, bc = out.block_chunks;
+  const int64_t kc = out.kp / 32;
   parallel_for(n, std::max<int64_t>(1, 16384 / out.kp), threads, [&](int64_t begin, int64_t end) {
-    float buf[32 * kMaxBlockChunks];
+    float buf[32];
     for (int64_t row = begin; row < end; ++row) {
-      for (int64_t c = 0; c < kc; c += bc) {
-        const int len = static_cast<int>(std::min<int64_t>(32 * bc, k - 32 * c));
+      for (int64_t c = 0; c < kc; ++c) {
+        const int len = static_cast<int>(std::min<int64_t>(32, k - 32 * c));
         for (int i = 0; i < len; ++i) buf[i] = load(x, dt, row * k + 32 * c + i);
-        quantize_block(buf, len, static_cast<int>(bc), out.q + row * out.kp + 32 * c,
-                       out.d + row * kc + c, out.ds + row * kc + c);
+        quantize_block32(buf, len, out.q + row * out.kp + 32 * c, out.d + row * kc + c,
+                         out.ds + row * kc + c);
       }
     }
   });
 }
 
-// The AMX path's activations: one scale per 128 K where K allows (its tiles then accumulate a
-// whole block; per 32 K every chunk's results must be stored and rescaled), else per 32 K.
-int64_t activation_block_chunks(int64_t rows, int64_t kp) {
-  const bool amx = rows >= kAmxMinRows && selected_isa() == Isa::kAmx;
-  return amx && kp % (32 * kMaxBlockChunks) == 0 ? kMaxBlockChunks : 1;
+// The AMX path takes calls with enough rows on a CPU (and KIMIVL_ISA) that selects it.
+bool use_amx(int64_t rows, int64_t min_rows) {
+  return rows >= min_rows && selected_isa() == Isa::kAmx;
 }
 
 void check_weight(const QWeight& w, const char* name) {
@@ -94,9 +87,6 @@ void check_float_dtype(DType dt, const char* name) {
 void dispatch_qgemm(const QGemmArgs& args) {
   switch (selected_isa()) {
     case Isa::kAmx:
-      if (args.m >= kAmxMinRows) avx512::qgemm_amx(args);
-      else avx512::qgemm(args);
-      break;
     case Isa::kAvx512Vnni: avx512::qgemm(args); break;
     case Isa::kAvx2: avx2::qgemm(args); break;
     default: portable::qgemm(args); break;
@@ -106,9 +96,6 @@ void dispatch_qgemm(const QGemmArgs& args) {
 void dispatch_moe(const MoeArgs& args) {
   switch (selected_isa()) {
     case Isa::kAmx:
-      if (args.tokens >= kAmxMinRows) avx512::moe_amx(args);
-      else avx512::moe(args);
-      break;
     case Isa::kAvx512Vnni: avx512::moe(args); break;
     case Isa::kAvx2: avx2::moe(args); break;
     default: portable::moe(args); break;
@@ -117,7 +104,7 @@ void dispatch_moe(const MoeArgs& args) {
 
 }  // namespace
 
-void quantize_block(const float* x, int n, int chunks, int8_t* q, float* d, float* ds) {
+void quantize_block32(const float* x, int n, int8_t* q, float* d, float* ds) {
   float amax = 0.0f;
   bool finite = true;
   for (int i = 0; i < n; ++i) {
@@ -125,27 +112,21 @@ void quantize_block(const float* x, int n, int chunks, int8_t* q, float* d, floa
     amax = std::max(amax, std::fabs(x[i]));
   }
   if (!finite || amax == 0.0f) {  // NaN/Inf make the block's outputs NaN, as the matmul would
-    for (int i = 0; i < 32 * chunks; ++i) q[i] = 0;
-    for (int c = 0; c < chunks; ++c) d[c] = ds[c] = finite ? 0.0f : NAN;
+    for (int i = 0; i < 32; ++i) q[i] = 0;
+    *d = *ds = finite ? 0.0f : NAN;
     return;
   }
   const float id = 127.0f / amax;
-  for (int c = 0; c < chunks; ++c) {
-    int32_t sum = 0;
-    for (int i = 32 * c; i < std::min(n, 32 * c + 32); ++i) {
-      const float v = x[i] * id;
-      const int32_t r = static_cast<int32_t>((v + kRoundMagic) - kRoundMagic);
-      q[i] = static_cast<int8_t>(r);
-      sum += r;
-    }
-    for (int i = std::max(n, 32 * c); i < 32 * c + 32; ++i) q[i] = 0;
-    d[c] = amax / 127.0f;
-    ds[c] = d[c] * static_cast<float>(sum);
+  int32_t sum = 0;
+  for (int i = 0; i < n; ++i) {
+    const float v = x[i] * id;
+    const int32_t r = static_cast<int32_t>((v + kRoundMagic) - kRoundMagic);
+    q[i] = static_cast<int8_t>(r);
+    sum += r;
   }
-}
-
-void quantize_block32(const float* x, int n, int8_t* q, float* d, float* ds) {
-  quantize_block(x, n, 1, q, d, ds);
+  for (int i = n; i < 32; ++i) q[i] = 0;
+  *d = amax / 127.0f;
+  *ds = *d * static_cast<float>(sum);
 }
 
 void silu_mul_quantize_block32(const float* g, const float* u, int8_t* q, float* d, float* ds) {
@@ -170,8 +151,12 @@ void quant_matmul(const void* x, DType x_dtype, int64_t m, const QWeight& w, voi
   check_float_dtype(y_dtype, "y");
   check(m >= 0, "x: negative row count");
   if (m == 0) return;
+  const int threads = useful_threads(2.0 * m * w.n * w.k, num_threads);
+  if (use_amx(m, kAmxMinRows)) {
+    void* const ys[1] = {y};
+    return avx512::quant_matmul_amx(x, x_dtype, m, &w, ys, 1, y_dtype, threads);
+  }
   ActStorage act(m, w.kp);
-  act.rows.block_chunks = activation_block_chunks(m, w.kp);
   quantize_rows(x, x_dtype, m, w.k, act.rows, num_threads);
   QGemmArgs args;
   args.w = w;
@@ -179,7 +164,7 @@ void quant_matmul(const void* x, DType x_dtype, int64_t m, const QWeight& w, voi
   args.m = m;
   args.y = y;
   args.y_dtype = y_dtype;
-  args.num_threads = useful_threads(2.0 * m * w.n * w.k, num_threads);
+  args.num_threads = threads;
   dispatch_qgemm(args);
 }
 
@@ -199,8 +184,10 @@ void quant_matmul_multi(const void* x, DType x_dtype, int64_t m, const QWeight* 
   check_float_dtype(y_dtype, "y");
   check(m >= 0, "x: negative row count");
   if (m == 0) return;
+  if (use_amx(m, kAmxMinRows))  // one parallel region per weight, as quant_matmul runs them
+    return avx512::quant_matmul_amx(x, x_dtype, m, ws, ys, count, y_dtype,
+                                    useful_threads(ops, num_threads));
   ActStorage act(m, ws[0].kp);
-  act.rows.block_chunks = activation_block_chunks(m, ws[0].kp);
   quantize_rows(x, x_dtype, m, ws[0].k, act.rows, num_threads);
   QGemmArgs args[kMaxQGemmMulti];
   for (int i = 0; i < count; ++i) {
@@ -213,12 +200,6 @@ void quant_matmul_multi(const void* x, DType x_dtype, int64_t m, const QWeight* 
   }
   switch (selected_isa()) {
     case Isa::kAmx:
-      if (m >= kAmxMinRows) {  // AMX tiles: one region per weight, as quant_matmul does
-        for (int i = 0; i < count; ++i) avx512::qgemm_amx(args[i]);
-      } else {
-        avx512::qgemm_multi(args, count);
-      }
-      break;
     case Isa::kAvx512Vnni: avx512::qgemm_multi(args, count); break;
     case Isa::kAvx2: avx2::qgemm_multi(args, count); break;
     default: portable::qgemm_multi(args, count); break;
@@ -261,9 +242,6 @@ void moe_block(const void* x, DType x_dtype, int64_t tokens, const int32_t* topk
     pair_token[slot] = static_cast<int32_t>(p / top_k);
     pair_weight[slot] = topk_weights[p];
   }
-  ActStorage xq(tokens, w13.kp), hq(pairs, w2.kp);
-  xq.rows.block_chunks = activation_block_chunks(tokens, w13.kp);
-  quantize_rows(x, x_dtype, tokens, w13.k, xq.rows, num_threads);
   std::unique_ptr<float[]> acc(new float[tokens * 16 * w2.nb()]);  // stage B zeroes its slices
   MoeArgs args;
   args.w13 = w13;
@@ -274,12 +252,15 @@ void moe_block(const void* x, DType x_dtype, int64_t tokens, const int32_t* topk
   args.n_active = static_cast<int64_t>(active.size());
   args.pair_token = pair_token.data();
   args.pair_weight = pair_weight.data();
-  args.x = xq.rows;
-  args.h = hq.rows;
   args.acc = acc.get();
   args.y = y;
   args.y_dtype = y_dtype;
   args.num_threads = useful_threads(2.0 * pairs * (w13.n * w13.k + w2.n * w2.k), num_threads);
+  if (use_amx(tokens, kAmxMinTokens)) return avx512::moe_amx(x, x_dtype, args);
+  ActStorage xq(tokens, w13.kp), hq(pairs, w2.kp);
+  quantize_rows(x, x_dtype, tokens, w13.k, xq.rows, num_threads);
+  args.x = xq.rows;
+  args.h = hq.rows;
   dispatch_moe(args);
 }
 

@@ -1,7 +1,7 @@
 // Quantized-weight matmul and MoE expert block on the CPU: shared types and the dispatch entry
 // points. Weight layout: kimivl_local/quant/cpu_layout.py (16-row blocks x 32-K chunks, one
 // 32-bit lane per output row). Activations are quantized to int8 per 32-element block on the fly
-// (per 128 on the AMX path, the scale then repeated for each of the block's 32-chunks):
+// (except on the AMX path, which multiplies bf16, see qgemm_amx.h):
 //   x_hat[k] = d[b] * qa[k],  d[b] = amax_b / 127,  qa = round_half_even(x * (127 / amax_b)),
 // with ds[b] = d[b] * sum(qa over the block) kept beside it. For one output row and weight group
 // with scale s and zero z (of the stored value v):
@@ -45,7 +45,6 @@ struct ActRows {
   float* d = nullptr;
   float* ds = nullptr;
   int64_t kp = 0;
-  int64_t block_chunks = 1;  // consecutive 32-K chunks quantized with one scale (d repeated)
   ActRow row(int64_t i) const { return {q + i * kp, d + i * (kp / 32), ds + i * (kp / 32)}; }
 };
 
@@ -78,9 +77,6 @@ struct MoeArgs {
 // Shared by every ISA path (compiled once, baseline flags): the exact activation quantizer.
 // Quantizes x[0..n) (n <= 32, the rest of the block is zero) into q[32], *d, *ds.
 void quantize_block32(const float* x, int n, int8_t* q, float* d, float* ds);
-// The same with one scale for n <= 32 * chunks values: chunk i's codes at q + 32 i, d[i] the
-// block's scale for every i, ds[i] = d[i] * sum(chunk i's codes).
-void quantize_block(const float* x, int n, int chunks, int8_t* q, float* d, float* ds);
 // h = silu(g) * u for one 32-channel block, then quantize_block32.
 void silu_mul_quantize_block32(const float* g, const float* u, int8_t* q, float* d, float* ds);
 // Output rows: fp32 -> dst (fp32 or bf16).
@@ -111,14 +107,17 @@ KIMIVL_DECLARE_QGEMM_ISA(avx2)
 KIMIVL_DECLARE_QGEMM_ISA(avx512)
 #undef KIMIVL_DECLARE_QGEMM_ISA
 
-// AMX int8 tiles (qgemm_amx.h, compiled into the avx512 file) for calls of at least kAmxMinRows
-// activation rows; fewer rows stay on avx512's VNNI kernel. The tiles read whole 16-row blocks,
-// so activation storage has kAmxSlackRows zeroed rows after the last.
+// AMX bf16 tiles (qgemm_amx.h, compiled into the avx512 file) for calls of at least kAmxMinRows
+// activation rows (MoE: kAmxMinTokens tokens, so that each expert's dequantized weights serve
+// several rows); fewer rows stay on avx512's VNNI kernel. The activations are not quantized:
+// these take x itself.
 constexpr int64_t kAmxMinRows = 16;
-constexpr int64_t kAmxSlackRows = 16;
+constexpr int64_t kAmxMinTokens = 64;
 namespace avx512 {
-void qgemm_amx(const QGemmArgs& args);
-void moe_amx(const MoeArgs& args);
+void quant_matmul_amx(const void* x, DType x_dtype, int64_t m, const QWeight* ws, void* const* ys,
+                      int count, DType y_dtype, int num_threads);
+// args as for moe(), without the quantized x and h.
+void moe_amx(const void* x, DType x_dtype, const MoeArgs& args);
 }  // namespace avx512
 
 }  // namespace kimivl

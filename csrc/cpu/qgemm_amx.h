@@ -1,28 +1,27 @@
-// AMX int8 prefill path of the quantized matmul and the MoE block (Isa::kAmx, M >= 16 rows).
-// Included at the end of qgemm_avx512.cpp, so it is compiled with that file's flags plus
-// -mamx-tile -mamx-int8 and uses its helpers (part_slot, load_scales16, load_zeros16).
+// AMX bf16 prefill path of the quantized matmul and the MoE block (Isa::kAmx, enough rows).
+// Included at the end of qgemm_avx512.cpp, so it is compiled with that file's flags (with
+// -mavx512vbmi -mavx512bf16 -mamx-tile -mamx-bf16, which only this path uses) and uses its helpers
+// (part_slot, load_scales16, load_zeros16).
 //
-// Weights: the CPU layout's 32-K chunk of a 16-row block is 8 slots of 16 rows x 4 K bytes, which
-// is exactly 8 rows of the VNNI-by-4 B tile TDPBSUD/TDPBSSD take. int8 blocks are used in place;
-// narrower widths are unpacked once per (expert, row block) into a per-thread panel of unsigned
-// codes (kp * 16 bytes, L2-resident) and reused for all of that expert's rows.
-// Activations: int8 rows with one scale per 128 K where K (rounded up to 32) allows
-// (ActRows::block_chunks = 4; qgemm.cpp quantizes them so for this path), else per 32 K as on the
-// VNNI path. The tiles accumulate int32 products (K = 64 each, or 32 for odd spans) over a span of
-// chunks sharing one activation scale within one weight group, then one store and fp32 rescale by
-// the row's scale per span, then the weight group's scale and zero in the VNNI kernel's order.
-// Per 32 K every chunk needs its own store and rescale, which left the tile unit idle and this
-// path at the VNNI path's speed; per 128 K it is 1.1-1.3x faster for prefill, at about twice the
-// activation rounding error on rows with outliers (bench/results/cpu-xeon-2core-2026-12-08-amx.md),
-// so selected_isa() never picks it on its own. The MoE down projection's input h stays per 32
-// (stage A quantizes it per 32 channels), so stage B runs per-chunk spans.
+// Weights: each 16-row block is dequantized once per call (per expert and block in the MoE) into
+// a per-thread panel of bf16 B tiles, one per 32-K chunk: tile row p holds k = 2p, 2p + 1 of the
+// 16 rows. s * (v - z) is exact in fp32 (an 8- or 11-bit scale times a code difference of at
+// most 10 bits), so the panel is the dequantized weight rounded once to bf16.
+// Activations: rounded once to bf16 (the MoE's h = silu(gate) * up too). The tiles then
+// accumulate fp32 products over the whole K with no rescaling, unlike int8 tiles, where every
+// weight group and activation block needs a tile store and an fp32 rescale: with per-32
+// activation scales that store left the tile unit idle and int8 AMX no faster than VNNI.
+// Error: bf16 rounding of both operands, a relative 2^-9 per element, with fp32 accumulation:
+// about 0.2% of the exact product against the VNNI path's 0.5% (its int8 activation step is
+// amax / 127 per 32 K; tests/test_qgemm_amx.py).
+// Decode (fewer rows) stays on the VNNI kernel: there the weights are read once per row anyway
+// and dequantizing them to bf16 would cost more than the products.
 #pragma once
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <memory>
-#include <numeric>
 #include <utility>
 
 #include "cpu/parallel.h"
@@ -33,8 +32,8 @@ namespace kimivl {
 namespace avx512 {
 namespace {
 
-// Tiles 0-3: int32 results (M-tile i, N-block j -> tile 2i + j); 4-5: 16 activation rows x KT K;
-// 6-7: KT / 32 chunks of a weight block (KT / 4 rows of 4 K x 16 output rows).
+// Tiles 0-3: fp32 results (M-tile i, N-block j -> tile 2i + j); 4-5: 16 activation rows x 32 K;
+// 6-7: one 32-K chunk of a weight block (16 K pairs x 16 output rows). All 16 rows x 64 bytes.
 struct TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -45,11 +44,9 @@ struct TileConfig {
 // Loads the tile configuration for this thread and releases the tile state when done.
 class TileScope {
  public:
-  explicit TileScope(int kt) {
+  TileScope() {
     TileConfig cfg;
-    for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(kt);
-    for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kt / 4), cfg.colsb[t] = 64;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
   }
   ~TileScope() { _tile_release(); }
@@ -57,327 +54,375 @@ class TileScope {
   TileScope& operator=(const TileScope&) = delete;
 };
 
-constexpr int64_t kChunkTileBytes = 512;  // 8 rows x 64 bytes: one 32-K chunk of a row block
+constexpr int64_t kChunkTile = 512;  // bf16 values of one chunk's B tile (16 rows x 32)
 
+// A per-thread panel of dequantized weight blocks, `blocks` of kc chunk tiles each.
+class Panel {
+ public:
+  Panel(int64_t kc, int blocks) : kc_(kc), v_(new uint16_t[blocks * kc * kChunkTile]) {}
+  uint16_t* block(int i) { return v_.get() + i * kc_ * kChunkTile; }
+
+ private:
+  int64_t kc_;
+  std::unique_ptr<uint16_t[]> v_;
+};
+
+// Rows 8h .. 8h + 7 of a 16-row vector, each twice (for a k pair): the lanes of half h of a
+// B-tile row.
+inline __m512 pairs_of_half(__m512 v16, int h) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i row = _mm512_add_epi32(_mm512_set1_epi32(8 * h), _mm512_srli_epi32(lane, 1));
+  return _mm512_permutexvar_ps(row, v16);
+}
+
+// vpermb indices (one per 32-bit lane, in its low byte) that zero-extend, for lane i, code byte
+// 4 (8h + i / 2) + 2p + i % 2 of a slot: row 8h + i / 2, k = 4s + 2p + i % 2.
+inline __m512i code_index(int h, int p) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i row = _mm512_add_epi32(_mm512_set1_epi32(8 * h), _mm512_srli_epi32(lane, 1));
+  return _mm512_add_epi32(_mm512_slli_epi32(row, 2),
+                          _mm512_add_epi32(_mm512_set1_epi32(2 * p),
+                                           _mm512_and_si512(lane, _mm512_set1_epi32(1))));
+}
+
+// Slot `codes` (16 rows x 4 K unsigned codes, row r at bytes 4r..4r+3) times the group's scale
+// and zero (s, nzs = -z s for rows 0-7 and 8-15, each twice), as B-tile rows 2s (k = 4s, 4s + 1)
+// and 2s + 1 (k = 4s + 2, 4s + 3) of the chunk tile: vpermb spreads each code into the 32-bit
+// lane of its place in the tile row, so the two bf16 packs are the rows themselves.
+inline void dequantize_slot(__m512i codes, const __m512* s, const __m512* nzs,
+                            uint16_t* tile_rows) {
+  constexpr __mmask64 kLowBytes = 0x1111111111111111ull;
+  for (int p = 0; p < 2; ++p) {
+    __m512 f[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512i wide = _mm512_maskz_permutexvar_epi8(kLowBytes, code_index(h, p), codes);
+      f[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wide), s[h], nzs[h]);
+    }
+    _mm512_storeu_si512(tile_rows + 32 * p, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
+  }
+}
+
+// The 8 slots of one chunk (Bits planes of the CPU layout) as its bf16 B tile.
 template <int Bits, int... S>
-inline void unpack_chunk(const __m512i* planes, uint8_t* dst, std::integer_sequence<int, S...>) {
+inline void dequantize_chunk(const __m512i* planes, const __m512* s, const __m512* nzs,
+                             uint16_t* tile, std::integer_sequence<int, S...>) {
   constexpr int lo = low_part_bits(Bits), hi = high_part_bits(Bits);
-  auto slot = [&](auto s) {
-    constexpr int slot_index = decltype(s)::value;
-    __m512i v = part_slot<lo, 0, slot_index>(planes);
-    if constexpr (hi > 0) v = _mm512_or_si512(v, part_slot<hi, lo, slot_index>(planes + lo));
-    _mm512_storeu_si512(dst + 64 * slot_index, v);
+  auto slot = [&](auto sl) {
+    constexpr int slot_index = decltype(sl)::value;
+    if constexpr (Bits == 8) {  // signed bytes as unsigned codes q + 128 (the zero moved too)
+      const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+      dequantize_slot(_mm512_xor_si512(planes[slot_index], flip), s, nzs, tile + 64 * slot_index);
+    } else {
+      __m512i v = part_slot<lo, 0, slot_index>(planes);
+      if constexpr (hi > 0) v = _mm512_or_si512(v, part_slot<hi, lo, slot_index>(planes + lo));
+      dequantize_slot(v, s, nzs, tile + 64 * slot_index);
+    }
   };
   (slot(std::integral_constant<int, S>()), ...);
 }
 
-// Row block b of expert e as kc chunk tiles of 512 bytes: the weights themselves for int8
-// (already signed bytes in tile order), else unsigned codes unpacked into `buf`.
+// Row block b of expert e of w as kc bf16 chunk tiles at dst.
 template <int Bits>
-const uint8_t* weight_panel(const QWeight& w, int64_t e, int64_t b, uint8_t* buf) {
+void dequantize_block(const QWeight& w, int64_t e, int64_t b, uint16_t* dst) {
   const uint8_t* q = w.q + e * w.expert_q_stride() + b * w.kc() * w.chunk_bytes();
-  if constexpr (Bits == 8) {
-    return q;
-  } else {
-    for (int64_t c = 0; c < w.kc(); ++c, q += 64 * Bits) {
-      __m512i planes[Bits];
-      for (int i = 0; i < Bits; ++i) planes[i] = _mm512_loadu_si512(q + 64 * i);
-      unpack_chunk<Bits>(planes, buf + c * kChunkTileBytes, std::make_integer_sequence<int, 8>());
+  const int64_t s_off = e * w.expert_s_stride() + b * w.groups() * 16, gc = w.group / 32;
+  // Codes are unsigned: 8-bit weights get 128 added (dequantize_chunk), and so does their zero.
+  const __m512 zconst = _mm512_set1_ps(static_cast<float>(stored_zero(Bits)));
+  const __m512 zoffset = _mm512_set1_ps(Bits == 8 ? 128.0f : 0.0f);
+  __m512 s[2], nzs[2];
+  for (int64_t c = 0; c < w.kc(); ++c, q += 64 * Bits, dst += kChunkTile) {
+    if (c % gc == 0) {
+      const int64_t g = c / gc;
+      const __m512 s16 = load_scales16(w.scales + s_off + 16 * g, w.scale_dtype);
+      const __m512 z16 = _mm512_add_ps(
+          w.zeros ? load_zeros16(w.zeros + s_off + 16 * g) : zconst, zoffset);
+      const __m512 nzs16 = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z16), s16);
+      for (int h = 0; h < 2; ++h) s[h] = pairs_of_half(s16, h), nzs[h] = pairs_of_half(nzs16, h);
     }
-    return buf;
+    __m512i planes[Bits];
+    for (int i = 0; i < Bits; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * i), _MM_HINT_T0);
+      planes[i] = _mm512_loadu_si512(q + 64 * i);
+    }
+    dequantize_chunk<Bits>(planes, s, nzs, dst, std::make_integer_sequence<int, 8>());
   }
 }
 
-// Per-thread scratch: weight panels and the fp32 results of one 32 x 32 output tile.
-struct AmxScratch {
-  std::unique_ptr<uint8_t[]> panels;
-  int64_t panel_bytes;
-  alignas(64) int32_t t[2][4][16][16];  // two chunks' int32 results
-  alignas(64) float acc[32][32];
-  alignas(64) float out[32][32];
-  AmxScratch(const QWeight& w, int n_panels)
-      : panels(new uint8_t[n_panels * w.kc() * kChunkTileBytes]),
-        panel_bytes(w.kc() * kChunkTileBytes) {}
-  uint8_t* panel(int i) { return panels.get() + i * panel_bytes; }
-};
-
-// One weight row block's panel and its scales and zeros.
-struct BlockRef {
-  const uint8_t* panel;
-  const uint16_t* s;
-  const int8_t* z;
-};
-
-template <int Bits>
-BlockRef block_ref(const QWeight& w, int64_t e, int64_t b, uint8_t* buf) {
-  const int64_t s_off = e * w.expert_s_stride() + b * w.groups() * 16;
-  return {weight_panel<Bits>(w, e, b, buf), w.scales + s_off, w.zeros ? w.zeros + s_off : nullptr};
-}
-
-// acc[16 i + r][16 j ..] += d[r] * (int32 tile 2i + j) for the `valid` rows of M-tile i.
-inline void rescale_tile(const int32_t (*t)[16], const ActRow* rows, int valid, int64_t c,
-                         float (*acc)[32], int col) {
-  for (int r = 0; r < valid; ++r) {
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(t[r]));
-    const __m512 a = _mm512_load_ps(acc[r] + col);
-    _mm512_store_ps(acc[r] + col, _mm512_fmadd_ps(_mm512_set1_ps(rows[r].d[c]), v, a));
-  }
-}
-
-// Signed activations times unsigned codes, or times signed int8 weights.
-#define KIMIVL_TILE_DOT(dst, x, wt)                   \
-  if constexpr (Bits == 8) _tile_dpbssd(dst, x, wt); \
-  else _tile_dpbsud(dst, x, wt);
-
+// out[r][16 j + n] = sum_k W_j[n][k] * a_r[k] for 16 MT rows of bf16 activations at `a` (`lda`
+// values apart) and the NT panels `b`, accumulated in fp32 over all kc chunks.
 template <int MT, int NT>
-inline void zero_products() {
+inline void tile_product(const uint16_t* a, int64_t lda, const uint16_t* const* b, int64_t kc,
+                         float (*out)[32]) {
+  const int64_t stride = 2 * lda;
   _tile_zero(0);
   if constexpr (NT == 2) _tile_zero(1);
   if constexpr (MT == 2) {
     _tile_zero(2);
     if constexpr (NT == 2) _tile_zero(3);
   }
-}
-
-// Adds the int32 products of K = KT from chunk c on to tiles 0-3 (M-tile i, block j -> 2i + j).
-template <int Bits, int MT, int NT>
-inline void add_products(const int8_t* a, int64_t kp, const BlockRef* blk, int64_t c) {
-  _tile_loadd(4, a + 32 * c, kp);
-  if constexpr (MT == 2) _tile_loadd(5, a + 16 * kp + 32 * c, kp);
-  _tile_loadd(6, blk[0].panel + c * kChunkTileBytes, 64);
-  if constexpr (NT == 2) _tile_loadd(7, blk[1].panel + c * kChunkTileBytes, 64);
-  KIMIVL_TILE_DOT(0, 4, 6);
-  if constexpr (NT == 2) KIMIVL_TILE_DOT(1, 4, 7);
+  for (int64_t c = 0; c < kc; ++c) {
+    _tile_loadd(4, a + 32 * c, stride);
+    if constexpr (MT == 2) _tile_loadd(5, a + 16 * lda + 32 * c, stride);
+    _tile_loadd(6, b[0] + c * kChunkTile, 64);
+    if constexpr (NT == 2) _tile_loadd(7, b[1] + c * kChunkTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT == 2) {
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out[0], 128);
+  if constexpr (NT == 2) _tile_stored(1, out[0] + 16, 128);
   if constexpr (MT == 2) {
-    KIMIVL_TILE_DOT(2, 5, 6);
-    if constexpr (NT == 2) KIMIVL_TILE_DOT(3, 5, 7);
-  }
-}
-#undef KIMIVL_TILE_DOT
-
-template <int MT, int NT>
-inline void store_products(int32_t (*t)[16][16]) {
-  _tile_stored(0, t[0], 64);
-  if constexpr (NT == 2) _tile_stored(1, t[1], 64);
-  if constexpr (MT == 2) {
-    _tile_stored(2, t[2], 64);
-    if constexpr (NT == 2) _tile_stored(3, t[3], 64);
+    _tile_stored(2, out[16], 128);
+    if constexpr (NT == 2) _tile_stored(3, out[16] + 16, 128);
   }
 }
 
-// out[r][16 j + n] = sum_k W_j[n][k] * x_hat_r[k] for r < valid (<= 16 MT) and the NT blocks
-// `blk`; the int8 activation rows start at `a` with stride kp (rows past `valid` are read but
-// their results dropped, so the buffer needs 16 MT - valid rows of slack).
-// The tiles accumulate over a span of `span` chunks (a multiple of KT / 32) that share one
-// activation scale and lie in one weight group, then are stored and rescaled once. Software-
-// pipelined: span s's int32 results go to buffer s % 2 and are rescaled while the tile unit
-// computes span s + 1 (reading a tile store back at once stalls on store forwarding).
-template <int Bits, int MT, int NT, int KT>
-void tile_product(const QWeight& w, const int8_t* a, const ActRow* rows, int valid,
-                  const BlockRef* blk, int64_t span, AmxScratch& sc) {
-  const int64_t gc = w.group / 32, spans = w.kc() / span, kp = w.kp;
-  const int valid0 = std::min(valid, 16), valid1 = valid - valid0;
-  const __m512 zconst = _mm512_set1_ps(Bits == 8 ? 0.0f : static_cast<float>(stored_zero(Bits)));
-  for (int r = 0; r < valid; ++r)
-    for (int col = 0; col < 16 * NT; col += 16) {
-      _mm512_store_ps(sc.out[r] + col, _mm512_setzero_ps());
-      _mm512_store_ps(sc.acc[r] + col, _mm512_setzero_ps());
-    }
-  // Rescale span sp from its buffer; at the end of a group, fold the group into out.
-  auto finish_span = [&](int64_t sp) {
-    int32_t(*t)[16][16] = sc.t[sp & 1];
-    const int64_t c = sp * span;
-    for (int j = 0; j < NT; ++j) {
-      rescale_tile(t[j], rows, valid0, c, sc.acc, 16 * j);
-      if constexpr (MT == 2) rescale_tile(t[2 + j], rows + 16, valid1, c, sc.acc + 16, 16 * j);
-    }
-    if ((c + span) % gc != 0) return;
-    const int64_t g = c / gc;
-    __m512 s[NT], zs[NT];
-    for (int j = 0; j < NT; ++j) {
-      s[j] = load_scales16(blk[j].s + 16 * g, w.scale_dtype);
-      zs[j] = _mm512_mul_ps(s[j], blk[j].z ? load_zeros16(blk[j].z + 16 * g) : zconst);
-    }
-    for (int r = 0; r < valid; ++r) {
-      float corr = 0.0f;  // activation-only zero-point term, as in the VNNI kernel
-      for (int64_t cc = g * gc; cc < (g + 1) * gc; ++cc) corr += rows[r].ds[cc];
-      const __m512 vcorr = _mm512_set1_ps(corr);
-      for (int j = 0; j < NT; ++j) {
-        float* y = sc.out[r] + 16 * j;
-        float* acc = sc.acc[r] + 16 * j;
-        const __m512 prev = _mm512_load_ps(y);
-        _mm512_store_ps(y, _mm512_fmadd_ps(s[j], _mm512_load_ps(acc),
-                                           _mm512_fnmadd_ps(zs[j], vcorr, prev)));
-        _mm512_store_ps(acc, _mm512_setzero_ps());
-      }
-    }
-  };
-  for (int64_t sp = 0; sp < spans; ++sp) {
-    zero_products<MT, NT>();
-    for (int64_t c = sp * span; c < (sp + 1) * span; c += KT / 32)
-      add_products<Bits, MT, NT>(a, kp, blk, c);
-    if (sp > 0) finish_span(sp - 1);
-    store_products<MT, NT>(sc.t[sp & 1]);
-  }
-  finish_span(spans - 1);
-}
-
-// tile_product for a run-time number of rows (1..32) and blocks (1..2).
-template <int Bits, int KT>
-void tile_product_any(const QWeight& w, const int8_t* a, const ActRow* rows, int valid,
-                      const BlockRef* blk, int nt, int64_t span, AmxScratch& sc) {
+// tile_product for 1..32 rows (rows past `valid` up to the tile are computed from the caller's
+// slack and ignored) and 1..2 panels.
+inline void tile_product_any(const uint16_t* a, int64_t lda, int valid, const uint16_t* const* b,
+                             int nt, int64_t kc, float (*out)[32]) {
   if (valid > 16) {
-    if (nt == 2) tile_product<Bits, 2, 2, KT>(w, a, rows, valid, blk, span, sc);
-    else tile_product<Bits, 2, 1, KT>(w, a, rows, valid, blk, span, sc);
+    if (nt == 2) tile_product<2, 2>(a, lda, b, kc, out);
+    else tile_product<2, 1>(a, lda, b, kc, out);
   } else {
-    if (nt == 2) tile_product<Bits, 1, 2, KT>(w, a, rows, valid, blk, span, sc);
-    else tile_product<Bits, 1, 1, KT>(w, a, rows, valid, blk, span, sc);
+    if (nt == 2) tile_product<1, 2>(a, lda, b, kc, out);
+    else tile_product<1, 1>(a, lda, b, kc, out);
   }
 }
 
-// Chunks per accumulation span: those sharing one activation scale within one weight group.
-int64_t span_chunks(const QWeight& w, const ActRows& act) {
-  return std::gcd(act.block_chunks, w.group / 32);
+// Rows of activations as bf16 (the K tail zero) and kSlackRows zeroed rows after the last, so a
+// 32-row tile pair may always be loaded. The row stride is kp + 32: at a multiple of 4 KB (K =
+// 2048) a tile's 16 rows would fall in one L1 set and evict each other on every load.
+constexpr int64_t kSlackRows = 16;
+class Bf16Rows {
+ public:
+  Bf16Rows(int64_t rows, int64_t kp)
+      : stride_(kp + 32), v_(new uint16_t[(rows + kSlackRows) * stride_]) {
+    std::fill(row(rows), row(rows + kSlackRows), uint16_t{0});
+  }
+  uint16_t* row(int64_t i) { return v_.get() + i * stride_; }
+  const uint16_t* row(int64_t i) const { return v_.get() + i * stride_; }
+  int64_t stride() const { return stride_; }
+
+ private:
+  int64_t stride_;
+  std::unique_ptr<uint16_t[]> v_;
+};
+
+// One row of n values (fp32 or bf16) as bf16 into dst[0..kp), zero past n.
+inline void row_to_bf16(const void* x, DType dt, int64_t n, int64_t kp, uint16_t* dst) {
+  if (dt == DType::kBFloat16) {
+    std::memcpy(dst, x, n * 2);
+  } else {
+    const float* src = static_cast<const float*>(x);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          (__m256i)(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
+    for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  }
+  std::fill(dst + n, dst + kp, uint16_t{0});
 }
 
-// f(std::integral_constant<int, KT>()) with K = 64 tile products where the span allows.
-template <typename F>
-void with_tile_k(int64_t span, F&& f) {
-  if (span % 2 == 0) f(std::integral_constant<int, 64>());
-  else f(std::integral_constant<int, 32>());
-}
-
-// Items are pairs of row blocks (32 output columns); each unpacks its blocks once and runs every
-// activation row through them, 32 rows at a time.
-template <int Bits>
-void qgemm_amx_bits(const QGemmArgs& a) {
-  const QWeight& w = a.w;
-  const int64_t nb = w.nb(), items = (nb + 1) / 2;
-  char* y = static_cast<char*>(a.y);
-  const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
-  const int64_t span = span_chunks(w, a.act);
-  with_tile_k(span, [&](auto kt) {
-    constexpr int KT = decltype(kt)::value;
-    parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-      TileScope tiles(KT);
-      AmxScratch sc(w, 2);
-      ActRow rows[32];
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b0 = 2 * item;
-        const int nt = static_cast<int>(std::min<int64_t>(2, nb - b0));
-        BlockRef blk[2];
-        for (int j = 0; j < nt; ++j) blk[j] = block_ref<Bits>(w, 0, b0 + j, sc.panel(j));
-        const int64_t cols = std::min<int64_t>(16 * nt, w.n - 16 * b0);
-        for (int64_t m0 = 0; m0 < a.m; m0 += 32) {
-          const int valid = static_cast<int>(std::min<int64_t>(32, a.m - m0));
-          for (int i = 0; i < valid; ++i) rows[i] = a.act.row(m0 + i);
-          tile_product_any<Bits, KT>(w, rows[0].q, rows, valid, blk, nt, span, sc);
-          for (int i = 0; i < valid; ++i)
-            store_row(sc.out[i], cols, y + ((m0 + i) * w.n + 16 * b0) * esize, a.y_dtype);
-        }
-      }
-    });
+Bf16Rows to_bf16_rows(const void* x, DType dt, int64_t m, int64_t k, int64_t kp, int threads) {
+  Bf16Rows rows(m, kp);
+  const int64_t esize = dt == DType::kFloat32 ? 4 : 2;
+  parallel_for(m, std::max<int64_t>(1, 16384 / kp), threads, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      row_to_bf16(static_cast<const char*>(x) + i * k * esize, dt, k, kp, rows.row(i));
   });
+  return rows;
 }
 
-// Stage A: items are (active expert, 32 intermediate channels), as on the VNNI path; the input
-// rows were gathered into pair order (`xg`) so an expert's rows are one strided tile source.
-template <int Bits>
-void moe_gate_up_amx(const MoeArgs& a, const int8_t* xg) {
-  const QWeight& w = a.w13;
-  const int64_t inter = w.n / 2, cbs = inter / 32, up = inter / 16;
-  const int64_t span = span_chunks(w, a.x);
-  with_tile_k(span, [&](auto kt) {
-    constexpr int KT = decltype(kt)::value;
-    parallel_for(a.n_active * cbs, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-      TileScope tiles(KT);
-      AmxScratch sc(w, 4);
-      alignas(64) float gate[32][32];
-      ActRow rows[32];
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t e = a.active[item / cbs], cb = item % cbs;
-        const BlockRef g[2] = {block_ref<Bits>(w, e, 2 * cb, sc.panel(0)),
-                               block_ref<Bits>(w, e, 2 * cb + 1, sc.panel(1))};
-        const BlockRef u[2] = {block_ref<Bits>(w, e, up + 2 * cb, sc.panel(2)),
-                               block_ref<Bits>(w, e, up + 2 * cb + 1, sc.panel(3))};
-        const int64_t p1 = a.expert_offsets[e + 1];
-        for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
-          const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
-          for (int i = 0; i < valid; ++i) rows[i] = a.x.row(a.pair_token[p + i]);
-          tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, g, 2, span, sc);
-          for (int i = 0; i < valid; ++i) std::memcpy(gate[i], sc.out[i], sizeof(gate[i]));
-          tile_product_any<Bits, KT>(w, xg + p * w.kp, rows, valid, u, 2, span, sc);
-          for (int i = 0; i < valid; ++i) {
-            const int64_t row = p + i, chunk = row * (inter / 32) + cb;
-            silu_mul_quantize_block32(gate[i], sc.out[i], a.h.q + row * inter + 32 * cb,
-                                      a.h.d + chunk, a.h.ds + chunk);
-          }
-        }
-      }
-    });
-  });
+// exp(x) for x <= 0 to within a few ulp: 2^n * e^r with |r| <= ln2 / 2, e^r by its Taylor
+// polynomial to degree 7 (truncation below 2^-27), underflowing to 0 below -87.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2 in two steps (ln2 = hi + lo, hi short enough that n * hi is exact).
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
-// Stage B: items are pairs of output row blocks; each loops over the active experts, unpacks the
-// expert's two blocks once and accumulates its pairs' router-weighted results in fp32.
+// h = silu(g) * u for 32 channels, as bf16. silu(g) = g / (1 + e^-g) for g >= 0 and
+// g e^g / (1 + e^g) below, so the exponential never overflows.
+inline void silu_mul_bf16(const float* g, const float* u, uint16_t* h) {
+  __m512 out[2];
+  for (int i = 0; i < 2; ++i) {
+    const __m512 gv = _mm512_loadu_ps(g + 16 * i);
+    const __m512 t = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 num = _mm512_mask_mul_ps(gv, neg, gv, t);
+    const __m512 silu = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+    out[i] = _mm512_mul_ps(silu, _mm512_loadu_ps(u + 16 * i));
+  }
+  _mm512_storeu_si512(h, (__m512i)_mm512_cvtne2ps_pbh(out[1], out[0]));
+}
+
+// Work items cover `per` consecutive units of n (row blocks, or 32-channel blocks of the MoE's
+// intermediate size) of `unit_blocks` weight blocks each: as many as keep the item's panel within
+// 512 KB (half of the smallest L2 with AMX), up to 8 blocks, so each activation tile loaded serves
+// that many products and activations are re-read n / per times; but no fewer than 4 items per
+// thread.
+int64_t units_per_item(int64_t n, int64_t unit_blocks, int64_t kc, int64_t parts, int threads) {
+  constexpr int64_t kPanelBudget = 512 * 1024;
+  auto fits = [&](int64_t per) {
+    const int64_t blocks = per * unit_blocks;
+    return blocks <= 8 && blocks * kc * kChunkTile * 2 <= kPanelBudget &&
+           parts * ((n + per - 1) / per) >= 4 * threads;
+  };
+  int64_t per = 8;
+  while (per > 1 && !fits(per)) per /= 2;
+  return per;
+}
+
+// y[m, n] = x_bf16 @ W^T for one weight: items of up to 8 row blocks, dequantized once, then
+// every 32-row activation tile through them.
 template <int Bits>
-void moe_down_amx(const MoeArgs& a) {
-  const QWeight& w = a.w2;
-  const int64_t nb = w.nb(), width = 16 * nb, items = (nb + 1) / 2;
-  char* y = static_cast<char*>(a.y);
-  const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
-  const int64_t span = span_chunks(w, a.h);  // h is quantized per 32 channels: span 1
-  parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
-    TileScope tiles(32);
-    AmxScratch sc(w, 2);
-    ActRow rows[32];
+void qgemm_bits(const Bf16Rows& x, int64_t m, const QWeight& w, void* y, DType y_dtype,
+                int threads) {
+  const int64_t nb = w.nb(), per = units_per_item(nb, 1, w.kc(), 1, threads);
+  const int64_t items = (nb + per - 1) / per;
+  const int64_t esize = y_dtype == DType::kFloat32 ? 4 : 2;
+  parallel_for(items, 1, threads, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    Panel panel(w.kc(), static_cast<int>(per));
+    alignas(64) float out[32][32];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b0 = 2 * item;
-      const int nt = static_cast<int>(std::min<int64_t>(2, nb - b0));
+      const int64_t b0 = item * per, nblk = std::min(per, nb - b0);
+      for (int64_t j = 0; j < nblk; ++j) dequantize_block<Bits>(w, 0, b0 + j, panel.block(j));
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        const int valid = static_cast<int>(std::min<int64_t>(32, m - m0));
+        for (int64_t j = 0; j < nblk; j += 2) {
+          const int nt = static_cast<int>(std::min<int64_t>(2, nblk - j));
+          const uint16_t* b[2] = {panel.block(j), panel.block(j + nt - 1)};
+          tile_product_any(x.row(m0), x.stride(), valid, b, nt, w.kc(), out);
+          const int64_t col = 16 * (b0 + j), cols = std::min<int64_t>(16 * nt, w.n - col);
+          for (int i = 0; i < valid; ++i)
+            store_row(out[i], cols, static_cast<char*>(y) + ((m0 + i) * w.n + col) * esize,
+                      y_dtype);
+        }
+      }
+    }
+  });
+}
+
+// Stage A: items are (active expert, up to 2 blocks of 32 intermediate channels); the gate's and
+// up's blocks are dequantized once and the expert's input rows (gathered in pair order in xg) run
+// through them 32 at a time; h = silu(gate) * up goes to hb as bf16.
+template <int Bits>
+void moe_gate_up(const MoeArgs& a, const Bf16Rows& xg, Bf16Rows& hb) {
+  const QWeight& w = a.w13;
+  const int64_t inter = w.n / 2, cbs = inter / 32, up = inter / 16, kc = w.kc();
+  const int64_t per = units_per_item(cbs, 4, kc, a.n_active, a.num_threads);
+  const int64_t groups = (cbs + per - 1) / per;
+  parallel_for(a.n_active * groups, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    Panel panel(kc, static_cast<int>(4 * per));  // gate blocks 0 .. 2 per - 1, then up's
+    alignas(64) float gate[32][32], upv[32][32];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = a.active[item / groups], cb0 = item % groups * per;
+      const int64_t ncb = std::min(per, cbs - cb0);
+      for (int64_t j = 0; j < 2 * ncb; ++j) {
+        dequantize_block<Bits>(w, e, 2 * cb0 + j, panel.block(j));
+        dequantize_block<Bits>(w, e, up + 2 * cb0 + j, panel.block(2 * per + j));
+      }
+      const int64_t p1 = a.expert_offsets[e + 1];
+      for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
+        const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
+        for (int64_t c = 0; c < ncb; ++c) {
+          const uint16_t* g[2] = {panel.block(2 * c), panel.block(2 * c + 1)};
+          const uint16_t* u[2] = {panel.block(2 * per + 2 * c), panel.block(2 * per + 2 * c + 1)};
+          tile_product_any(xg.row(p), xg.stride(), valid, g, 2, kc, gate);
+          tile_product_any(xg.row(p), xg.stride(), valid, u, 2, kc, upv);
+          for (int i = 0; i < valid; ++i)
+            silu_mul_bf16(gate[i], upv[i], hb.row(p + i) + 32 * (cb0 + c));
+        }
+      }
+    }
+  });
+}
+
+// Stage B: items are up to 8 output row blocks; each loops over the active experts, dequantizes
+// the expert's blocks once and adds its pairs' router-weighted results into acc in fp32.
+template <int Bits>
+void moe_down(const MoeArgs& a, const Bf16Rows& hb) {
+  const QWeight& w = a.w2;
+  const int64_t nb = w.nb(), width = 16 * nb, kc = w.kc();
+  const int64_t per = units_per_item(nb, 1, kc, 1, a.num_threads), items = (nb + per - 1) / per;
+  const int64_t esize = a.y_dtype == DType::kFloat32 ? 4 : 2;
+  parallel_for(items, 1, a.num_threads, [&](int64_t begin, int64_t end) {
+    TileScope tiles;
+    Panel panel(kc, static_cast<int>(per));
+    alignas(64) float out[32][32];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b0 = item * per, nblk = std::min(per, nb - b0);
       for (int64_t t = 0; t < a.tokens; ++t)
-        std::fill(a.acc + t * width + 16 * b0, a.acc + t * width + 16 * (b0 + nt), 0.0f);
+        std::fill(a.acc + t * width + 16 * b0, a.acc + t * width + 16 * (b0 + nblk), 0.0f);
       for (int64_t ai = 0; ai < a.n_active; ++ai) {
         const int64_t e = a.active[ai], p1 = a.expert_offsets[e + 1];
-        BlockRef blk[2];
-        for (int j = 0; j < nt; ++j) blk[j] = block_ref<Bits>(w, e, b0 + j, sc.panel(j));
+        for (int64_t j = 0; j < nblk; ++j) dequantize_block<Bits>(w, e, b0 + j, panel.block(j));
         for (int64_t p = a.expert_offsets[e]; p < p1; p += 32) {
           const int valid = static_cast<int>(std::min<int64_t>(32, p1 - p));
-          for (int i = 0; i < valid; ++i) rows[i] = a.h.row(p + i);
-          tile_product_any<Bits, 32>(w, rows[0].q, rows, valid, blk, nt, span, sc);
-          for (int i = 0; i < valid; ++i) {
-            float* dst = a.acc + a.pair_token[p + i] * width + 16 * b0;
-            const float wt = a.pair_weight[p + i];
-            for (int col = 0; col < 16 * nt; ++col) dst[col] += wt * sc.out[i][col];
+          for (int64_t j = 0; j < nblk; j += 2) {
+            const int nt = static_cast<int>(std::min<int64_t>(2, nblk - j));
+            const uint16_t* b[2] = {panel.block(j), panel.block(j + nt - 1)};
+            tile_product_any(hb.row(p), hb.stride(), valid, b, nt, kc, out);
+            for (int i = 0; i < valid; ++i) {
+              float* dst = a.acc + a.pair_token[p + i] * width + 16 * (b0 + j);
+              const __m512 wt = _mm512_set1_ps(a.pair_weight[p + i]);
+              for (int col = 0; col < 16 * nt; col += 16)
+                _mm512_storeu_ps(dst + col, _mm512_fmadd_ps(wt, _mm512_load_ps(out[i] + col),
+                                                            _mm512_loadu_ps(dst + col)));
+            }
           }
         }
       }
-      const int64_t cols = std::min(w.n, 16 * (b0 + nt)) - 16 * b0;
+      const int64_t cols = std::min(w.n, 16 * (b0 + nblk)) - 16 * b0;
       for (int64_t t = 0; t < a.tokens; ++t)
-        store_row(a.acc + t * width + 16 * b0, cols, y + (t * w.n + 16 * b0) * esize, a.y_dtype);
+        store_row(a.acc + t * width + 16 * b0, cols,
+                  static_cast<char*>(a.y) + (t * w.n + 16 * b0) * esize, a.y_dtype);
     }
   });
 }
 
 }  // namespace
 
-void qgemm_amx(const QGemmArgs& args) {
-  with_bits(args.w.bits, [&](auto b) { qgemm_amx_bits<decltype(b)::value>(args); });
+void quant_matmul_amx(const void* x, DType x_dtype, int64_t m, const QWeight* ws, void* const* ys,
+                      int count, DType y_dtype, int num_threads) {
+  const Bf16Rows xb = to_bf16_rows(x, x_dtype, m, ws[0].k, ws[0].kp, num_threads);
+  for (int i = 0; i < count; ++i)
+    with_bits(ws[i].bits, [&](auto b) {
+      qgemm_bits<decltype(b)::value>(xb, m, ws[i], ys[i], y_dtype, num_threads);
+    });
 }
 
-void moe_amx(const MoeArgs& args) {
-  // Stage A's tiles read an expert's input rows as one strided block: gather them in pair order
-  // (with a tile's worth of zeroed slack rows after the last).
+void moe_amx(const void* x, DType x_dtype, const MoeArgs& args) {
+  const QWeight &w13 = args.w13, &w2 = args.w2;
+  const Bf16Rows xb = to_bf16_rows(x, x_dtype, args.tokens, w13.k, w13.kp, args.num_threads);
+  // Stage A's tiles read an expert's input rows as one strided block: gather them in pair order.
   const int64_t pairs = args.expert_offsets[args.active[args.n_active - 1] + 1];
-  const int64_t kp = args.w13.kp;
-  std::unique_ptr<int8_t[]> xg(new int8_t[(pairs + kAmxSlackRows) * kp]);
-  std::memset(xg.get() + pairs * kp, 0, kAmxSlackRows * kp);
-  parallel_for(pairs, std::max<int64_t>(1, 65536 / kp), args.num_threads,
+  Bf16Rows xg(pairs, w13.kp), hb(pairs, w2.kp);
+  parallel_for(pairs, std::max<int64_t>(1, 32768 / w13.kp), args.num_threads,
                [&](int64_t begin, int64_t end) {
                  for (int64_t p = begin; p < end; ++p)
-                   std::memcpy(xg.get() + p * kp, args.x.q + args.pair_token[p] * kp, kp);
+                   std::memcpy(xg.row(p), xb.row(args.pair_token[p]), 2 * w13.kp);
                });
-  with_bits(args.w13.bits, [&](auto b) { moe_gate_up_amx<decltype(b)::value>(args, xg.get()); });
-  with_bits(args.w2.bits, [&](auto b) { moe_down_amx<decltype(b)::value>(args); });
+  with_bits(w13.bits, [&](auto b) { moe_gate_up<decltype(b)::value>(args, xg, hb); });
+  with_bits(w2.bits, [&](auto b) { moe_down<decltype(b)::value>(args, hb); });
 }
 
 }  // namespace avx512

@@ -1,6 +1,6 @@
 // AVX-512 VNNI micro-kernel (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni, plus
-// -mamx-tile -mamx-int8 for the AMX path of qgemm_amx.h; run only when the CPU has them). One zmm
-// lane per output row; vpdpbusd multiplies unsigned weight bytes by signed activation bytes into
+// -mavx512bf16 -mamx-tile -mamx-bf16 for the AMX path of qgemm_amx.h; run only when the CPU has
+// them). One zmm lane per output row; vpdpbusd multiplies unsigned weight bytes by signed activation bytes into
 // int32 without saturation. int8 weights are stored signed, so they are flipped to unsigned
 // (w + 128) with one xor and the extra 128 * sum(a) joins the zero correction.
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own `__Y = __Y` placeholders.

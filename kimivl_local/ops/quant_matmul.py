@@ -3,6 +3,8 @@
 The CPU kernel (`_C.quant_matmul`) quantizes each row of x to int8 per 32-element block on the
 fly (`quantize_activations_reference` gives the exact values it uses), multiplies with integer
 dot products and accumulates in fp32; threads split the output columns (and rows for large M).
+On a CPU with AMX, calls of 16 rows or more (prefill) instead round x and the dequantized weight
+to bf16 and multiply on AMX tiles with fp32 accumulation (csrc/cpu/qgemm_amx.h).
 `quant_matmul_reference` (dequantize, then matmul in fp32, or fp64 for fp64 inputs) is both the
 fallback, used without the extension or for non-CPU tensors and other dtypes, and the oracle.
 The op is registered as ``kimivl::quant_matmul`` (with a fake implementation) for torch.compile
@@ -63,14 +65,13 @@ def weight_args(w: CpuQuantWeight | CudaQuantWeight) -> tuple[int, ...]:
             w.out_features, w.in_features, w.padded_in_features, w.group_size)
 
 
-def quantize_activations_reference(x: torch.Tensor, block: int = CHUNK) -> torch.Tensor:
-    """The kernel's activations x_hat [*, K] as fp64: per `block`-element block of a row (the
-    last one zero-padded; 32, or 128 on the CPU kernels' AMX path), d = amax / 127 and
-    q = round_half_even(x * (127 / amax)), all in fp32; x_hat = d * q exactly. A block of zeros
-    stays zero."""
+def quantize_activations_reference(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's int8 activations x_hat [*, K] as fp64: per 32-element block of a row (the
+    last one zero-padded), d = amax / 127 and q = round_half_even(x * (127 / amax)), all in
+    fp32; x_hat = d * q exactly. A block of zeros stays zero."""
     x32 = x.float()
     k = x32.shape[-1]
-    blocks = torch.nn.functional.pad(x32, (0, (-k) % block)).unflatten(-1, (-1, block))
+    blocks = torch.nn.functional.pad(x32, (0, (-k) % CHUNK)).unflatten(-1, (-1, CHUNK))
     amax = blocks.abs().amax(-1, keepdim=True)
     c127 = torch.full_like(amax, 127.0)  # tensor / tensor: torch turns `127 / t` into 127 * (1 / t)
     inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
