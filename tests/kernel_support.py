@@ -21,7 +21,7 @@ def force_isa(monkeypatch, isa: str, op: str) -> str:
 
 def bf16_tiles(isa: str, rows: int, moe: bool = False) -> bool:
     """Whether a call takes the CPU kernels' AMX bf16 path (csrc/cpu/qgemm.h): the amx ISA and at
-    least 16 activation rows (quant_matmul) or 64 tokens (moe_block). That path rounds the
+    least 16 activation rows (quant_matmul) or 256 tokens (moe_block). That path rounds the
     activations (and the MoE's h) and the dequantized weights to bf16 instead of quantizing
     activations to int8 per 32."""
-    return isa == "amx" and rows >= (64 if moe else 16)
+    return isa == "amx" and rows >= (256 if moe else 16)

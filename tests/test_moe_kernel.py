@@ -10,7 +10,7 @@ evaluating silu and the product). Where that can move h * 127 / amax across a ro
 there and the exact value elsewhere:
   |y - y_o| <= sum_j |w_j| (c2 sum|W2 h_o| + |W2| (rel_d |h_o| + d [ambiguous])) + 1e-6 sum|w y|
 and 2^-8 |y_o| more for a bf16 output (8 significant bits).
-On the AMX path (64 tokens or more on an AMX CPU) x, h and the dequantized weights are rounded to
+On the AMX path (256 tokens or more on an AMX CPU) x, h and the dequantized weights are rounded to
 bf16 instead (exactly as the oracle does for x and the weights; h within the bf16 values of
 h -/+ eps_h) and every product accumulates in fp32.
 """

@@ -1,4 +1,4 @@
-"""The AMX bf16 prefill path of quant_matmul (16 rows or more) and moe_block (64 tokens or more),
+"""The AMX bf16 prefill path of quant_matmul (16 rows or more) and moe_block (256 tokens or more),
 the default on CPUs with AMX, against the fp64 oracles of test_quant_matmul / test_moe_kernel on
 prefill-shaped inputs, on every CPU kernel path this machine can run; and AMX against the VNNI
 path it replaces.
@@ -138,8 +138,8 @@ def route_uneven(t, e, k, seed):
     return torch.rand(ids.shape, generator=g) + 0.1, ids
 
 
-# 64 tokens (the first to take AMX), one past it, and over 32 pairs per expert.
-@pytest.mark.parametrize("t", [63, 64, 65, 97])
+# 256 tokens (the first to take AMX), one before and one past it: over 32 pairs per expert.
+@pytest.mark.parametrize("t", [255, 256, 257])
 @pytest.mark.parametrize("s13,s2", [
     (QuantScheme(4, 128, True), QuantScheme(4, 64, False)),
     (QuantScheme(8, None, False), QuantScheme(8, 32, True)),
@@ -161,9 +161,9 @@ def test_moe_extreme_gates(isa):
     (the vectorized exp of the AMX path clamps its argument)."""
     s = QuantScheme(8, None, True)
     w13, w2 = make_experts(4, 64, 64, s, s, seed=3)
-    weights, ids = route_uneven(70, 4, 2, seed=3)
-    x = 300 * torch.randn(70, 64, generator=torch.Generator().manual_seed(3))
-    y_o, tol = oracle(x, weights, ids, w13, w2, bf16_tiles(isa, 70, moe=True))
+    weights, ids = route_uneven(260, 4, 2, seed=3)
+    x = 300 * torch.randn(260, 64, generator=torch.Generator().manual_seed(3))
+    y_o, tol = oracle(x, weights, ids, w13, w2, bf16_tiles(isa, 260, moe=True))
     y = moe_block(x, weights, ids, w13, w2)
     assert y.isfinite().all()
     assert ((y.double() - y_o).abs() <= tol).all()
@@ -172,8 +172,8 @@ def test_moe_extreme_gates(isa):
 def test_moe_nan_token_stays_in_its_row(isa):
     s = QuantScheme(4, 32, True)
     w13, w2 = make_experts(6, 64, 64, s, s, seed=4)
-    weights, ids = route_uneven(80, 6, 2, seed=4)
-    x = torch.randn(80, 64)
+    weights, ids = route_uneven(260, 6, 2, seed=4)
+    x = torch.randn(260, 64)
     x[3, 1] = float("nan")
     y = moe_block(x, weights, ids, w13, w2)
     assert y[3].isnan().all()
