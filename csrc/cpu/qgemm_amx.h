@@ -237,6 +237,18 @@ Bf16Rows to_bf16_rows(const void* x, DType dt, int64_t m, int64_t k, int64_t kp,
   return rows;
 }
 
+// store_row with the bf16 conversion 16 values at a time (round to nearest even, as
+// float_to_bf16; denormals flush to zero).
+inline void store_out_row(const float* src, int64_t n, void* dst, DType dtype) {
+  if (dtype == DType::kFloat32) return store_row(src, n, dst, dtype);
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  for (; i < n; ++i) out[i] = float_to_bf16(src[i]);
+}
+
 // exp(x) for x <= 0 to within a few ulp: 2^n * e^r with |r| <= ln2 / 2, e^r by its Taylor
 // polynomial to degree 7 (truncation below 2^-27), underflowing to 0 below -87.
 inline __m512 exp_nonpositive(__m512 x) {
@@ -312,8 +324,8 @@ void qgemm_bits(const Bf16Rows& x, int64_t m, const QWeight& w, void* y, DType y
           tile_product_any(x.row(m0), x.stride(), valid, b, nt, w.kc(), out);
           const int64_t col = 16 * (b0 + j), cols = std::min<int64_t>(16 * nt, w.n - col);
           for (int i = 0; i < valid; ++i)
-            store_row(out[i], cols, static_cast<char*>(y) + ((m0 + i) * w.n + col) * esize,
-                      y_dtype);
+            store_out_row(out[i], cols, static_cast<char*>(y) + ((m0 + i) * w.n + col) * esize,
+                          y_dtype);
         }
       }
     }
@@ -393,8 +405,8 @@ void moe_down(const MoeArgs& a, const Bf16Rows& hb) {
       }
       const int64_t cols = std::min(w.n, 16 * (b0 + nblk)) - 16 * b0;
       for (int64_t t = 0; t < a.tokens; ++t)
-        store_row(a.acc + t * width + 16 * b0, cols,
-                  static_cast<char*>(a.y) + (t * w.n + 16 * b0) * esize, a.y_dtype);
+        store_out_row(a.acc + t * width + 16 * b0, cols,
+                      static_cast<char*>(a.y) + (t * w.n + 16 * b0) * esize, a.y_dtype);
     }
   });
 }
