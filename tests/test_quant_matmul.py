@@ -191,9 +191,10 @@ def test_bad_spin_time_is_named_and_the_default_used(spin, warned, tmp_path):
     torch.save((w, x), tmp_path / "in.pt")
     env = {**os.environ, "KIMIVL_SPIN_US": spin, "KIMIVL_NUM_THREADS": "2",
            "PYTHONPATH": str(Path(kimivl_local.__file__).parents[1])}  # this test's build
+    # cwd: `python -c` puts it first on sys.path, where a source checkout without _C may sit
     run = subprocess.run([sys.executable, "-c", _SPIN_SCRIPT, str(tmp_path / "in.pt"),
                           str(tmp_path / "out.pt")], capture_output=True, text=True, check=True,
-                         timeout=120, env=env)
+                         timeout=120, env=env, cwd=tmp_path)
     warnings = [line for line in run.stderr.splitlines() if "KIMIVL_SPIN_US" in line]
     if warned:
         assert warnings == [(f"kimivl-local: warning: KIMIVL_SPIN_US={spin} is not a whole number"
