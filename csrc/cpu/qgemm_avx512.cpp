@@ -32,7 +32,9 @@ inline __m512 load_zeros16(const int8_t* z) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
 }
 
-// Weights live on 4 KB pages, where the hardware prefetcher stops (see qgemm_avx2.cpp).
+// Weights live on 4 KB pages, where the hardware prefetcher stops (see qgemm_avx2.cpp). The
+// prefetches go to L2 (T1): into L1 (T0) they held L1's fill buffers that the demand loads need,
+// and decode at int4 was 7-17% slower (bench/results/cpu-xeon-2core-2026-12-08-amxbf16.md).
 constexpr int kPrefetchBytes = 4096;
 
 struct Kernel {
@@ -57,7 +59,7 @@ struct Kernel {
       for (int m = 0; m < MR; ++m) accg[m] = _mm512_setzero_ps();
       for (int64_t c = g * gc; c < (g + 1) * gc; ++c, q += 64 * Bits) {
         for (int line = 0; line < Bits; ++line)
-          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * line), _MM_HINT_T1);
         __m512i acc[C][MR];
         for (int j = 0; j < C; ++j)
           for (int m = 0; m < MR; ++m) acc[j][m] = _mm512_setzero_si512();

@@ -60,7 +60,7 @@ struct LowbitKernel {
       for (int64_t c = g * gc; c < (g + 1) * gc; ++c, q += 64 * Bits) {
         __m512i planes[Bits];
         for (int i = 0; i < Bits; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * i), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes + 64 * i), _MM_HINT_T1);
           planes[i] = _mm512_loadu_si512(q + 64 * i);
         }
         __m512i acc[MR];
