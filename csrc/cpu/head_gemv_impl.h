@@ -19,14 +19,24 @@ inline float load_w(const uint16_t* w, int64_t i) {
 }
 inline float load_w(const float* w, int64_t i) { return w[i]; }
 
+// Rows of w requested ahead of the one being read. A tile reads 128-256 bytes of each row, rows
+// n elements apart (1 KB for w_uk): a stride the hardware prefetcher follows late, so the
+// ~2-4 KB a core needs in flight to stream at its share of the bandwidth are requested here.
+constexpr int64_t kAheadRows = 16;
+
 // acc[0, len) += sum_k x[k] * rows[k * n + j]: streams the tile's column band of w once.
 template <typename W, int64_t kLen>
 inline void accumulate(const float* x, const W* rows, int64_t k, int64_t n, int64_t len,
                        float* acc) {
   const int64_t width = kLen > 0 ? kLen : len;
+  const int64_t bytes = width * static_cast<int64_t>(sizeof(W));
   for (int64_t kk = 0; kk < k; ++kk) {
     const float xv = x[kk];
     const W* row = rows + kk * n;
+    if (kk + kAheadRows < k) {  // past the last row would be a wasted (harmless) request
+      const char* ahead = reinterpret_cast<const char*>(row + kAheadRows * n);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b);
+    }
     for (int64_t j = 0; j < width; ++j) acc[j] += xv * load_w(row, j);
   }
 }
