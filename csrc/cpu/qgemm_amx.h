@@ -24,6 +24,7 @@
 #include <memory>
 #include <utility>
 
+#include "cpu/attention_simd.h"
 #include "cpu/parallel.h"
 #include "cpu/qgemm.h"
 #include "cpu/qgemm_lowbit.h"
@@ -249,33 +250,14 @@ inline void store_out_row(const float* src, int64_t n, void* dst, DType dtype) {
   for (; i < n; ++i) out[i] = float_to_bf16(src[i]);
 }
 
-// exp(x) for x <= 0 to within a few ulp: 2^n * e^r with |r| <= ln2 / 2, e^r by its Taylor
-// polynomial to degree 7 (truncation below 2^-27), underflowing to 0 below -87.
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2 in two steps (ln2 = hi + lo, hi short enough that n * hi is exact).
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // h = silu(g) * u for 32 channels, as bf16. silu(g) = g / (1 + e^-g) for g >= 0 and
-// g e^g / (1 + e^g) below, so the exponential never overflows.
+// g e^g / (1 + e^g) below, so the exponential (attention_simd.h's exp2) never overflows.
 inline void silu_mul_bf16(const float* g, const float* u, uint16_t* h) {
+  constexpr float kLog2e = 1.4426950408889634f;
   __m512 out[2];
   for (int i = 0; i < 2; ++i) {
     const __m512 gv = _mm512_loadu_ps(g + 16 * i);
-    const __m512 t = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+    const __m512 t = VecAvx512::exp2(_mm512_mul_ps(_mm512_abs_ps(gv), _mm512_set1_ps(-kLog2e)));
     const __mmask16 neg = _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 num = _mm512_mask_mul_ps(gv, neg, gv, t);
     const __m512 silu = _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
