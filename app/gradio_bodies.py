@@ -17,10 +17,10 @@ import re
 
 import gradio as gr
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .openai_request import APIError, parse_json
+from .openai_request import APIError, body_too_big, parse_json, read_body
 
 # Under Gradio's mount at "/": the queue (the browser's queued events), /run and /api (its
 # unqueued events, scripts), /call (Gradio's curl-style API: `data` as a list, or in /call/v2
@@ -57,21 +57,11 @@ class GradioBodyCheck:
         await self.app(scope, replay, send)
 
     async def _read(self, scope, receive) -> bytes:
-        too_big = APIError(413, f"the request body is over {self.max_body_bytes // 2**20} MiB; "
-                                "raise --max-upload-mb to allow it")
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            raise too_big
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":  # transport.access_log's 499, as Starlette's
-                raise ClientDisconnect()
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                raise too_big
-            if not message.get("more_body"):
-                return bytes(body)
+            raise body_too_big(self.max_body_bytes)
+        # Request.stream raises ClientDisconnect if the client leaves (transport.access_log's 499)
+        return await read_body(Request(scope, receive).stream(), self.max_body_bytes)
 
     def _check(self, kind: str, api_name: str | None, body) -> None:
         if not isinstance(body, dict):

@@ -23,7 +23,7 @@ from kimivl_local.inputs.thinking import ThinkingSplitter
 
 from .chat import default_settings
 from .model_info import model_name
-from .openai_request import APIError, ChatRequest, parse_chat_request, parse_json
+from .openai_request import APIError, ChatRequest, parse_chat_request, parse_json, read_body
 from .worker import Failed, Finished, GenerationQueue, Job, Piece, QueueFullError
 
 log = logging.getLogger("kimivl_local.app")
@@ -103,13 +103,7 @@ def openai_router(queue: GenerationQueue, max_body_bytes: int) -> APIRouter:
 async def _json_body(request: Request, limit: int):
     if "json" not in request.headers.get("content-type", ""):
         raise APIError(400, "send the body as JSON with Content-Type: application/json")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over {limit // 2**20} MiB (images "
-                                "included); raise --max-upload-mb to allow it")
-    return parse_json(bytes(body))
+    return parse_json(await read_body(request.stream(), limit, " (images included)"))
 
 
 async def _reply(job: Job, stops: list[str],

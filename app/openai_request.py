@@ -14,6 +14,7 @@ import binascii
 import json
 import reprlib
 from dataclasses import dataclass
+from collections.abc import AsyncIterable
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -68,6 +69,22 @@ def parse_json(body: bytes) -> Any:
         raise APIError(400, "the body is nested too deeply") from None
     except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
         raise APIError(400, f"the body is not valid JSON ({_first_line(exc)})") from None
+
+
+def body_too_big(limit: int, what: str = "") -> APIError:
+    """The 413 for a body over `limit` bytes (`what` says what counts towards it)."""
+    return APIError(413, f"the request body is over {limit // 2**20} MiB{what}; raise "
+                         "--max-upload-mb to allow it")
+
+
+async def read_body(chunks: AsyncIterable[bytes], limit: int, what: str = "") -> bytes:
+    """The body from its chunks, refused (body_too_big) as soon as it passes `limit` bytes."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise body_too_big(limit, what)
+    return bytes(body)
 
 
 def parse_chat_request(body: Any, defaults: dict) -> ChatRequest:
