@@ -16,7 +16,8 @@ from kimivl_local.quant.cpu_layout import dequantize as cpu_dequantize
 from kimivl_local.quant.packing import PackedWeight, QuantScheme, dequantize
 
 from test_quant_interop import (_args, _assert_loads_as_they_dequantize, _our_schemes,
-                               _shards, _skeleton, _write_with_their_compressor)
+                               _shards, _skeleton, _tensors,
+                               _write_with_their_compressor)
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer  # noqa: E402
@@ -65,10 +66,7 @@ def test_runtime_runs_every_width_on_the_cpu_kernels(quantized):
 
 def test_runtime_loads_every_width_written_by_compressed_tensors(tiny128_checkpoint, tmp_path,
                                                                 monkeypatch):
-    tensors = {}
-    for s in _shards(tiny128_checkpoint):
-        tensors.update(load_file(s))
-    model, rest = _skeleton(tensors)
+    model, rest = _skeleton(_tensors(tiny128_checkpoint))
     config = QuantizationConfig(config_groups={
         "group_0": QuantizationScheme(targets=["re:.*mlp\\.experts\\.\\d+\\.(gate|up)_proj$"],
                                       weights=_args(3, 32, True)),

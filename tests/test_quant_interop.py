@@ -35,6 +35,11 @@ def _shards(folder):
     return sorted(folder.glob("*.safetensors"))
 
 
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, from all of its shards."""
+    return {name: t for s in _shards(folder) for name, t in load_file(s).items()}
+
+
 def _our_schemes(folder) -> dict[str, QuantScheme]:
     cfg = OurConfig.from_model_config(json.loads((folder / "config.json").read_text()))
     names = {n.rsplit(".", 1)[0] for s in _shards(folder) for n in safe_open(str(s), "pt").keys()
@@ -50,9 +55,7 @@ def test_compressed_tensors_decompresses_our_output_exactly(quantized, tiny128_c
     schemes = _our_schemes(folder)
     assert {(s.bits, s.group_size, s.symmetric) for s in schemes.values()} == {
         (4, 128, True), (8, None, True), (4, 64, False), (8, 32, False)}
-    source = {}
-    for s in _shards(tiny128_checkpoint):
-        source.update(load_file(s))
+    source = _tensors(tiny128_checkpoint)
     dequantizer = CompressedTensorsDequantizer(str(folder), dtype=torch.bfloat16)
     seen = set()
     for shard in _shards(folder):
@@ -177,9 +180,7 @@ def _args(bits, group, symmetric):
 
 def test_runtime_loads_a_checkpoint_written_by_compressed_tensors(tiny128_checkpoint, tmp_path,
                                                                  monkeypatch):
-    tensors = {}
-    for s in _shards(tiny128_checkpoint):
-        tensors.update(load_file(s))
+    tensors = _tensors(tiny128_checkpoint)
     model, rest = _skeleton(tensors)
     config = QuantizationConfig(config_groups={
         # kernel path with zero points; per-channel INT8; group 16 (not a CPU-kernel group: the
